@@ -1,0 +1,3 @@
+"""medistill: cross-modal knowledge distillation for medical images."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from medistill.cli import main
+
+raise SystemExit(main())

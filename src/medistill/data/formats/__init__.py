@@ -1,0 +1,6 @@
+"""One module per public dataset format; importing this package registers them all."""
+
+from medistill.data.formats import phantom  # noqa: F401
+from medistill.data.formats.base import FORMATS, Problem, Reader, open_dataset, register_format
+
+__all__ = ["FORMATS", "Problem", "Reader", "open_dataset", "register_format"]
