@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+from medistill.data.formats.parsing import Row, read_csv
 from medistill.data.records import Record
 from medistill.errors import DataError, UsageError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,30 @@ class Reader:
             raise error
         log.warning("skipping: %s", error)
         self.problems.append(Problem.from_error(error))
+
+    def attempt(self, build: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """`build(*args, **kwargs)`, or None after `fail` when it raises a `DataError`."""
+        try:
+            return build(*args, **kwargs)
+        except DataError as error:
+            self.fail(error)
+            return None
+
+    def csv_rows(self, path: Path, **kwargs: Any) -> Iterator[Row]:
+        """The rows of a CSV file (see `parsing.read_csv`); an unreadable file or short row goes to `fail`."""
+        for row in self.attempt(read_csv, path, **kwargs) or []:
+            if row.error is None:
+                yield row
+            else:
+                self.fail(row.error)
+
+    def option(self, name: str, default: T, choices: tuple[T, ...] | None = None) -> T:
+        """A reader option from the constructor's keyword arguments, checked against `choices`."""
+        value = self.options.get(name, default)
+        if choices is not None and value not in choices:
+            raise UsageError(f"{self.name}: option {name} must be one of {', '.join(map(str, choices))}, "
+                             f"not {value!r}")
+        return value
 
     def records(self) -> Iterator[Record]:
         self.problems = []

@@ -1,0 +1,292 @@
+"""The `medistill` command line: the only place that talks to the user.
+
+Exit codes: 0 success, 2 usage error (bad flag, value, path or config), 1 any other failure.
+Errors are one line on stderr; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import textwrap
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from medistill import __version__
+from medistill.errors import MedistillError, UsageError
+
+log = logging.getLogger("medistill.cli")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _add_command(subparsers: Any, name: str, help_text: str, examples: Sequence[str], handler: Handler,
+                 common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name, help=help_text, description=help_text, epilog=_examples(*examples), parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def _knob_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of PhantomKnobs, so new knobs reach the CLI without edits here."""
+    from medistill.data.phantom import PhantomKnobs
+
+    hints = typing.get_type_hints(PhantomKnobs)
+    group = parser.add_argument_group("phantom knobs (docs/phantom.md)")
+    for knob in dataclasses.fields(PhantomKnobs):
+        kind = hints[knob.name]
+        flag = "--" + knob.name.replace("_", "-")
+        help_text = f"{knob.metadata.get('help', '')} (default {knob.default})"
+        if kind is bool:
+            group.add_argument(flag, dest=f"knob_{knob.name}", action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f"knob_{knob.name}", type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=help_text)
+
+
+def cmd_make_phantom(args: argparse.Namespace) -> int:
+    from medistill.data.phantom import MODALITIES, PhantomKnobs, write_phantom
+
+    chosen = {key[len("knob_"):]: value for key, value in vars(args).items()
+              if key.startswith("knob_") and value is not None}
+    try:
+        knobs = PhantomKnobs(**chosen)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"bad phantom knob: {error}") from None
+    summary = write_phantom(args.out, cases=args.cases, seed=args.seed,
+                            modalities=args.modalities or MODALITIES, knobs=knobs,
+                            progress=sys.stderr.isatty(), overwrite=args.overwrite)
+    print(f"phantom world written to {args.out}")
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from medistill.data.checks import check_dataset, format_check_report
+
+    report = check_dataset(args.format, args.path, on_error=args.on_error)
+    print(json.dumps(report, indent=2, sort_keys=True, default=str) if args.json else format_check_report(report))
+    if args.strict and report.get("problem_count", len(report["problems"])):
+        return 1
+    return 0
+
+
+def _add_data(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    data = subparsers.add_parser("data", help="make the phantom world; check a dataset",
+                                 description="Data tools: generate the phantom world, check a dataset.",
+                                 parents=[common])
+    inner = data.add_subparsers(dest="data_command", metavar="{make-phantom,check}", required=True)
+    phantom = _add_command(
+        inner, "make-phantom", "generate the synthetic phantom world (images, masks, reports, tables, VQA, grounding)",
+        ["medistill data make-phantom --out runs/phantom --cases 200 --seed 0",
+         "medistill data make-phantom --out runs/faint --cases 50 --modalities cxr mammo --subtlety 0.5"],
+        cmd_make_phantom, common)
+    phantom.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
+    phantom.add_argument("--cases", required=True, type=int, help="cases per modality")
+    phantom.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files")
+    phantom.add_argument("--modalities", nargs="+", help="subset of modalities (default: all)")
+    phantom.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _knob_flags(phantom)
+    check = _add_command(
+        inner, "check", "count, validate and look for leakage in a dataset in its published layout",
+        ["medistill data check --format vqa-rad ../shared/data/vqa_rad",
+         "medistill data check --format mini-mias ../shared/data/mini_mias --json --strict"],
+        cmd_data_check, common)
+    check.add_argument("path", type=Path, help="the dataset's root folder")
+    check.add_argument("--format", required=True, help="dataset format, e.g. vqa-rad, mini-mias, nih-cxr, phantom")
+    check.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    check.add_argument("--strict", action="store_true", help="exit with status 1 on any problem")
+    check.add_argument("--on-error", choices=("raise", "skip"), default="skip",
+                       help="stop at the first malformed record, or skip and list them all (default)")
+
+
+# ----------------------------------------------------------------------------------------------
+# train, eval, report
+
+
+def _run_method(config: Any, out: Path, resume: bool) -> dict[str, Any]:
+    from medistill.engine.rundir import RunDir, prepare_output_dir
+    from medistill.methods import RUNNERS
+
+    runner = RUNNERS.get(config.method)
+    if runner is None:
+        raise UsageError(f"method {config.method!r} has no trainer yet (trainable: {', '.join(sorted(RUNNERS))})")
+    prepare_output_dir(out, resume=resume)
+    run = RunDir(out)
+    if not resume:
+        run.write_config(config)
+    return runner(config, run, resume)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medistill.config import load_config
+
+    if args.resume:
+        if args.config or args.set:
+            raise UsageError("--resume continues a run with its saved config: drop --config and --set")
+        out = args.resume
+        config = load_config(out / "config.yaml")
+    else:
+        if not args.config or not args.out:
+            raise UsageError("train needs --config FILE and --out DIR (or --resume DIR)")
+        out = args.out
+        config = load_config(args.config, args.set)
+    metrics = _run_method(config, out, bool(args.resume))
+    print(f"run finished: {out}")
+    print(json.dumps(metrics.get("test") or metrics.get("val"), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from medistill.methods.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.config, args.set, split=args.split)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from medistill.report.run import write_run_report
+
+    path = write_run_report(args.run)
+    print(f"report written: {path}")
+    return 0
+
+
+def _add_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    train = _add_command(
+        subparsers, "train", "train any recipe into a run directory, or resume one",
+        ["medistill train --config configs/demo/classifier.yaml --out runs/cls --set train.epochs=3",
+         "medistill train --resume runs/cls"], cmd_train, common)
+    train.add_argument("--config", type=Path, help="a YAML recipe under configs/")
+    train.add_argument("--out", type=Path, help="the run directory to create")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run exactly")
+
+    evaluate = _add_command(
+        subparsers, "eval", "evaluate a checkpoint on a split of the data its recipe names (or another)",
+        ["medistill eval runs/cls/checkpoints --config runs/cls/config.yaml --split test",
+         "medistill eval runs/cls/checkpoints --config runs/cls/config.yaml --set data.root=runs/other"],
+        cmd_eval, common)
+    evaluate.add_argument("checkpoint", type=Path, help="a checkpoint directory (model.safetensors + config.json)")
+    evaluate.add_argument("--config", type=Path, required=True, help="the recipe whose data section to read")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+
+    report = _add_command(subparsers, "report", "write report.html for a finished run directory",
+                          ["medistill report runs/cls"], cmd_report, common)
+    report.add_argument("run", type=Path, help="a run directory")
+
+
+# ----------------------------------------------------------------------------------------------
+# demo, bench, later commands
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medistill.demo import run_demo
+
+    result = run_demo(args.out, cases=args.cases, seed=args.seed, epochs=args.epochs)
+    print(f"demo finished in {result['seconds']:.0f} s")
+    print(f"  report:  {result['report']}")
+    print(f"  metrics: {result['metrics']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "bench" / "__main__.py").is_file():
+        raise UsageError("the benchmarks live in the repository's bench/ folder: run from a source checkout")
+    sys.path.insert(0, str(root))
+    from bench.__main__ import main as bench_main  # type: ignore[import-not-found]
+
+    return int(bench_main(["--full"] if args.full else []) or 0)
+
+
+def cmd_not_yet(args: argparse.Namespace) -> int:
+    raise MedistillError(f"'medistill {args.command}' is not part of this version yet: "
+                         "see the README's status section for what is implemented")
+
+
+def _add_demo_bench(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    demo = _add_command(subparsers, "demo", "generate phantom data, run every method at demo scale, write a report",
+                        ["medistill demo", "medistill demo --out /tmp/demo --cases 300"], cmd_demo, common)
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    demo.add_argument("--cases", type=int, default=900, help="phantom cases per modality (default 900)")
+    demo.add_argument("--epochs", type=int, default=12, help="training epochs of each demo model (default 12)")
+    demo.add_argument("--seed", type=int, default=0)
+    bench = _add_command(subparsers, "bench", "run the benchmarks in bench/ and write bench/results.json",
+                         ["medistill bench", "medistill bench --full"], cmd_bench, common)
+    bench.add_argument("--full", action="store_true", help="full sizes instead of quick ones")
+    for name, text in (("predict", "predict with a trained checkpoint on images"),
+                       ("experiment", "run a method's full experiment (teacher, student, distilled student)")):
+        _add_command(subparsers, name, f"{text} (not in this version yet)", [f"medistill {name} --help"],
+                     cmd_not_yet, common)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    parser = Parser(
+        prog="medistill", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Cross-modal knowledge distillation for medical images.",
+        epilog=_examples("medistill demo", "medistill data make-phantom --out runs/phantom --cases 200",
+                         "medistill train --config configs/demo/classifier.yaml --out runs/cls"),
+    )
+    parser.add_argument("--version", action="version", version=f"medistill {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
+    _add_data(subparsers, common)
+    _add_train(subparsers, common)
+    _add_demo_bench(subparsers, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    from medistill.engine.logging import setup_logging
+
+    setup_logging(1 if getattr(args, "verbose", False) else 0)
+    try:
+        return args.handler(args)
+    except MedistillError as error:
+        if debug:
+            raise
+        sys.stderr.write(f"medistill {args.command}: error: {error}\n")
+        return error.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("medistill: interrupted\n")
+        return 130
+    except Exception as error:  # the last line of defence: one line, the traceback under --debug
+        if debug:
+            raise
+        text = textwrap.shorten(f"{type(error).__name__}: {error}", 300)
+        sys.stderr.write(f"medistill {args.command}: internal error: {text} (rerun with --debug for the traceback)\n")
+        return 1

@@ -1,0 +1,73 @@
+"""Torch datasets over canonical records: images decoded once, kept as uint8, normalised per batch."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medistill.data.imaging import load_image
+from medistill.data.records import Record
+
+# Grey-level normalisation saved with every checkpoint (preprocessing contract).
+IMAGE_MEAN = 0.5
+IMAGE_STD = 0.25
+
+
+def preprocessing(image_size: int) -> dict[str, float | int | str]:
+    return {"image_size": image_size, "mean": IMAGE_MEAN, "std": IMAGE_STD, "channels": 1, "resize": "bilinear"}
+
+
+def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
+    return (images_uint8.float() / 255.0 - IMAGE_MEAN) / IMAGE_STD
+
+
+def split_for_validation(records: Sequence[Record], fraction: float = 0.15) -> tuple[list[Record], list[Record]]:
+    """Train and val records: the reader's own val split when it has one, else a patient-level holdout.
+
+    The holdout hashes the patient (or study, or image) id, so it is stable and never splits a patient.
+    """
+    train = [r for r in records if r.split == "train"]
+    val = [r for r in records if r.split == "val"]
+    if val:
+        return train, val
+
+    def in_holdout(record: Record) -> bool:
+        key = record.patient_id or record.study_id or record.image or record.uid
+        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+    return [r for r in train if not in_holdout(r)], [r for r in train if in_holdout(r)]
+
+
+class ImageLabelDataset(Dataset):
+    """Images and label vectors (NaN = unknown) of records, decoded once at `image_size`."""
+
+    def __init__(self, records: Sequence[Record], label_names: Sequence[str], image_size: int) -> None:
+        self.records = list(records)
+        self.label_names = list(label_names)
+        self.image_size = image_size
+        self.images = torch.from_numpy(np.stack([self._decode(r) for r in self.records])) if self.records else \
+            torch.empty(0, image_size, image_size, dtype=torch.uint8)
+        self.labels = torch.tensor([r.label_vector(self.label_names) for r in self.records], dtype=torch.float32)
+
+    def _decode(self, record: Record) -> np.ndarray:
+        if record.image is None:
+            raise ValueError(f"record {record.uid} has no image")
+        array = load_image(record.image, size=self.image_size)
+        return np.round(array * 255.0).astype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        return {"image": self.images[index], "labels": self.labels[index], "index": index}
+
+    def label_prevalence(self) -> dict[str, float]:
+        known = ~torch.isnan(self.labels)
+        positives = torch.nan_to_num(self.labels).sum(0)
+        return {name: float(positives[i] / known[:, i].sum()) if known[:, i].any() else math.nan
+                for i, name in enumerate(self.label_names)}

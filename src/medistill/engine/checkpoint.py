@@ -1,0 +1,69 @@
+"""Checkpoints: weights as safetensors beside a config.json that suffices to predict; train state for resuming.
+
+Every file is written to a temporary name and renamed into place, so a kill during a write leaves the
+previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from medistill.engine.logging import write_json
+from medistill.errors import UsageError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def _atomic(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def save_weights(module: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    tmp = _atomic(path)
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in module.state_dict().items()}
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def save_checkpoint(directory: str | Path, module: torch.nn.Module, config: dict[str, Any]) -> Path:
+    """Write `model.safetensors` and `config.json` (architecture, preprocessing, vocabularies) into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(module, directory / WEIGHTS)
+    write_json(directory / CONFIG, config)
+    return directory
+
+
+def read_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and config of a checkpoint directory, with errors that say which file is missing."""
+    directory = Path(directory)
+    for name in (WEIGHTS, CONFIG):
+        if not (directory / name).is_file():
+            raise UsageError(f"{directory} is not a medistill checkpoint: {name} is missing")
+    config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    return load_file(str(directory / WEIGHTS)), config
+
+
+def save_train_state(path: str | Path, state: dict[str, Any]) -> None:
+    path = Path(path)
+    tmp = _atomic(path)
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """Load resumable state with `weights_only=True`: a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{path} not found: the run has no saved state to resume from") from None
+    except Exception as error:  # torch raises UnpicklingError and RuntimeError variants here
+        raise UsageError(f"refusing to load {path}: it is not a plain medistill train state ({type(error).__name__})") from None

@@ -1,0 +1,48 @@
+"""Pictures for people: grey images with region outlines, encoded as PNG."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from medistill.data.imaging import load_image
+
+PALETTE = ((255, 64, 64), (64, 200, 255), (255, 200, 0), (120, 255, 120), (255, 120, 255), (255, 160, 64))
+
+
+def to_rgb(grey: np.ndarray) -> np.ndarray:
+    """A float (H, W) image in [0, 1] as uint8 RGB."""
+    return np.repeat((np.clip(grey, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+
+
+def mask_edge(mask: np.ndarray) -> np.ndarray:
+    """The one-pixel inner boundary of a boolean mask."""
+    padded = np.pad(mask, 1, mode="constant")
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
+    return mask & ~interior
+
+
+def outline(rgb: np.ndarray, mask: np.ndarray, color: Sequence[int]) -> np.ndarray:
+    """Draw the boundary of `mask` (same size as `rgb`) onto a copy of `rgb`."""
+    drawn = rgb.copy()
+    drawn[mask_edge(mask)] = color
+    return drawn
+
+
+def load_mask(path: str, size: tuple[int, int]) -> np.ndarray:
+    """A region mask file as a boolean array resized to (height, width) with nearest-neighbour sampling."""
+    array = load_image(path)
+    image = Image.fromarray((array > 0.5).astype(np.uint8) * 255)
+    return np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)) > 127
+
+
+def png_bytes(rgb: np.ndarray, scale: int = 1) -> bytes:
+    image = Image.fromarray(rgb)
+    if scale != 1:
+        image = image.resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,32 @@
+"""`medistill eval`: metrics of a saved checkpoint on a split of a recipe's data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medistill.config import ClassifierConfig, load_config
+from medistill.engine.checkpoint import read_checkpoint
+from medistill.errors import UsageError
+from medistill.metrics.classification import multilabel_metrics
+
+
+def evaluate_checkpoint(checkpoint: Path, recipe: Path, overrides: list[str], *, split: str) -> dict[str, Any]:
+    from medistill.methods.classifier import build_datasets, predict
+    from medistill.models.vit import vit_from_architecture
+
+    weights, saved = read_checkpoint(checkpoint)
+    config = load_config(recipe, overrides)
+    if saved.get("kind") != "classifier" or not isinstance(config, ClassifierConfig):
+        raise UsageError(f"eval handles classifier checkpoints in this version; {checkpoint} is {saved.get('kind')!r}")
+    config.data.image_size = saved["preprocessing"]["image_size"]
+    config.data.labels = list(saved["labels"])
+    dataset = build_datasets(config)[split]
+    if len(dataset) == 0:
+        raise UsageError(f"the {split} split of {config.data.root} is empty")
+    model = vit_from_architecture(saved["architecture"])
+    model.load_state_dict(weights)
+    model.eval()
+    probabilities = predict(model, dataset, config.train.eval_batch_size)
+    return {"split": split, "samples": len(dataset),
+            **multilabel_metrics(probabilities, dataset.labels.numpy(), dataset.label_names)}

@@ -1,0 +1,146 @@
+"""A Vision Transformer for grey medical images that can return its attention maps.
+
+Attention uses the fused `scaled_dot_product_attention` unless the caller asks for the weights
+(`return_attentions=True`), in which case each block computes them explicitly, with no forward hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medistill.errors import ConfigError
+from medistill.models.registry import register_model
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """Everything needed to rebuild the architecture; saved in the checkpoint's config.json."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 1
+    num_classes: int = 2
+    width: int = 192
+    depth: int = 12
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image size {self.image_size} is not a multiple of patch size {self.patch_size}")
+        if self.width % self.heads:
+            raise ConfigError(f"width {self.width} does not divide into {self.heads} heads")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            weights = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
+            out = F.dropout(weights, p) @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width)), weights
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ViTSpec) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(spec.width, eps=1e-6)
+        self.attn = Attention(spec.width, spec.heads, spec.dropout)
+        self.norm2 = nn.LayerNorm(spec.width, eps=1e-6)
+        hidden = int(spec.width * spec.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(spec.width, hidden), nn.GELU(), nn.Dropout(spec.dropout),
+                                 nn.Linear(hidden, spec.width), nn.Dropout(spec.dropout))
+
+    def forward(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(self.norm1(x), need_weights)
+        x = x + attended
+        return x + self.mlp(self.norm2(x)), weights
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a CLS token. `forward` returns a dict: logits, embedding (CLS), tokens, optional attentions."""
+
+    def __init__(self, spec: ViTSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.patch_embed = nn.Conv2d(spec.in_chans, spec.width, spec.patch_size, stride=spec.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.width))
+        self.pos_embed = nn.Parameter(torch.randn(1, spec.grid**2 + 1, spec.width) * 0.02)
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.depth))
+        self.norm = nn.LayerNorm(spec.width, eps=1e-6)
+        self.head = nn.Linear(spec.width, spec.num_classes)
+        self.apply(_init_weights)
+
+    def forward(self, images: torch.Tensor, *, return_attentions: bool = False) -> dict[str, Any]:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        attentions = []
+        for block in self.blocks:
+            x, weights = block(x, return_attentions)
+            if weights is not None:
+                attentions.append(weights)
+        tokens = self.norm(x)
+        out: dict[str, Any] = {"logits": self.head(tokens[:, 0]), "embedding": tokens[:, 0], "tokens": tokens}
+        if return_attentions:
+            out["attentions"] = attentions
+        return out
+
+    def architecture(self) -> dict[str, Any]:
+        return {"name": "vit", **asdict(self.spec)}
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+VARIANTS: dict[str, dict[str, int]] = {
+    "vit-nano": {"width": 96, "depth": 4, "heads": 3},  # for tests and quick CPU runs
+    "vit-tiny": {"width": 192, "depth": 12, "heads": 3},
+    "vit-small": {"width": 384, "depth": 12, "heads": 6},
+    "vit-base": {"width": 768, "depth": 12, "heads": 12},
+}
+
+
+def _register(name: str, sizes: dict[str, int]) -> None:
+    @register_model(name)
+    def factory(**kwargs: Any) -> VisionTransformer:
+        return VisionTransformer(ViTSpec(**{**sizes, **kwargs}))
+
+    factory.__doc__ = f"{name}: width {sizes['width']}, depth {sizes['depth']}, {sizes['heads']} heads."
+
+
+for _name, _sizes in VARIANTS.items():
+    _register(_name, _sizes)
+
+
+def vit_from_architecture(architecture: dict[str, Any]) -> VisionTransformer:
+    """Rebuild a ViT from the `architecture` entry of a checkpoint's config.json."""
+    fields = {k: v for k, v in architecture.items() if k != "name"}
+    return VisionTransformer(ViTSpec(**fields))
