@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medistill.data.formats.base import Reader, register_format
-from medistill.data.formats.parsing import At, read_text, to_float
+from medistill.data.formats.parsing import At, read_text, to_float, with_image_suffix
 from medistill.data.records import Circle, Region, Record
 
 INFO_FILE = "Info.txt"
@@ -81,7 +81,7 @@ class MiniMiasReader(Reader):
         malignant = math.nan if not image.regions else float("M" in severities)
         return Record(
             uid=image.refnum,
-            image=str(self._image_path(image.refnum)),
+            image=str(with_image_suffix(self.root / image.refnum, (".pgm", ".png"))),
             patient_id=f"mias-{(number + 1) // 2:03d}",
             modality="mammography",
             view="MLO",
@@ -92,12 +92,6 @@ class MiniMiasReader(Reader):
                    "class": ",".join(sorted({region.label for region in image.regions})) or "NORM"},
             meta={"laterality": "L" if number % 2 == 0 else "R", "source_rows": image.rows},
         )
-
-    def _image_path(self, refnum: str) -> Path:
-        for suffix in (".png", ".pgm"):
-            if (self.root / f"{refnum}{suffix}").exists():
-                return self.root / f"{refnum}{suffix}"
-        return self.root / f"{refnum}.pgm"
 
 
 def _region(kind: str, tokens: list[str], at: At) -> Region:

@@ -8,11 +8,13 @@ the list for JSON and pickle files.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
 import pickle
 import re
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +35,39 @@ class At:
         return DataError(message, file=self.file, record=self.record, field=field)
 
 
-def read_text(path: Path) -> str:
-    """A text file as str (UTF-8, BOM dropped; Latin-1 as the fallback old releases need)."""
+def read_bytes(path: Path) -> bytes:
+    """A file's bytes, gunzipped when its name ends in .gz (PhysioNet ships its CSVs gzipped)."""
     try:
         data = path.read_bytes()
+        return gzip.decompress(data) if path.suffix == ".gz" else data
     except FileNotFoundError:
         raise DataError("file not found", file=str(path)) from None
-    except OSError as error:
-        raise DataError(f"cannot read file ({error.strerror or error})", file=str(path)) from None
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"cannot read file ({error})", file=str(path)) from None
+
+
+def find_file(folder: Path, *names: str) -> Path:
+    """The first of `names` (each also tried with .gz) that exists in `folder`, else the first name."""
+    for name in names:
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.exists():
+                return candidate
+    return folder / names[0]
+
+
+def with_image_suffix(stem: Path, suffixes: tuple[str, ...]) -> Path:
+    """`stem` + the first of `suffixes` naming an existing file (releases differ: JPEG, PNG or DICOM),
+    else `stem` + the first suffix, which the check then reports as missing."""
+    for suffix in suffixes:
+        candidate = stem.parent / f"{stem.name}{suffix}"
+        if candidate.exists():
+            return candidate
+    return stem.parent / f"{stem.name}{suffixes[0]}"
+
+
+def read_text(path: Path) -> str:
+    """A text file as str (UTF-8, BOM dropped; Latin-1 as the fallback old releases need)."""
+    data = read_bytes(path)
     if b"\x00" in data:
         raise DataError("not a text file (contains NUL bytes)", file=str(path))
     try:
@@ -74,12 +101,7 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def read_pickle_list(path: Path) -> list[Any]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError("file not found", file=str(path)) from None
-    except OSError as error:
-        raise DataError(f"cannot read file ({error.strerror or error})", file=str(path)) from None
+    data = read_bytes(path)
     try:
         value = _PlainUnpickler(io.BytesIO(data)).load()
     except Exception as error:  # noqa: BLE001  (a corrupt pickle raises nearly anything)
