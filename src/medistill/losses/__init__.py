@@ -1,1 +1,1 @@
-"""losses"""
+"""Losses: named terms a method weights and the trainer sums."""

@@ -63,7 +63,7 @@ def chest_xray(rng: np.random.Generator, size: int, patient: Patient) -> Anatomy
     frame = _frame(rng, size, 0.5)
     u, v = frame.coords()
     body = ellipse(u, v, 0.0, 0.15, 1.0, 1.3, 0.12)
-    heart_ru = rng.uniform(0.24, 0.31) * (1.1 if view == "AP" else 1.0)
+    heart_ru = rng.uniform(0.28, 0.35) * (1.1 if view == "AP" else 1.0)
     heart_c = (0.1 + rng.normal(0, 0.02), 0.33 + rng.normal(0, 0.02))
     heart = ellipse(u, v, heart_c[0], heart_c[1], heart_ru, 0.85 * heart_ru, 0.05)
     mediastinum = smoothstep((0.14 - np.abs(u)) / 0.04) * smoothstep((0.5 - v) / 0.05)
