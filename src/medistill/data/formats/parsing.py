@@ -15,7 +15,7 @@ import math
 import pickle
 import re
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,11 +175,10 @@ def read_csv(path: Path, *, required: tuple[str, ...] = (), columns: tuple[str, 
     return rows
 
 
-def read_delimited(path: Path, delimiter: str = "|") -> Iterator[tuple[At, list[str]]]:
-    """Non-empty lines of a delimiter-separated text file without a header."""
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if line.strip():
-            yield At(str(path), number), [part.strip() for part in line.split(delimiter)]
+def read_delimited(path: Path, delimiter: str = "|") -> list[tuple[At, list[str]]]:
+    """The non-empty lines of a delimiter-separated text file without a header, split and stripped."""
+    return [(At(str(path), number), [part.strip() for part in line.split(delimiter)])
+            for number, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
 
 
 def to_float(value: Any, at: At, field: str) -> float:
