@@ -30,16 +30,31 @@ class ViTSpec:
     heads: int = 3
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    activation: str = "gelu"  # gelu | quick_gelu (CLIP)
+    norm_eps: float = 1e-6
+    pre_norm: bool = False  # a LayerNorm after the embeddings (CLIP's pre_layrnorm)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
             raise ConfigError(f"image size {self.image_size} is not a multiple of patch size {self.patch_size}")
         if self.width % self.heads:
             raise ConfigError(f"width {self.width} does not divide into {self.heads} heads")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+
+class QuickGELU(nn.Module):
+    """CLIP's GELU approximation x * sigmoid(1.702 x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 
 
 class Attention(nn.Module):
@@ -66,11 +81,11 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, spec: ViTSpec) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(spec.width, eps=1e-6)
+        self.norm1 = nn.LayerNorm(spec.width, eps=spec.norm_eps)
         self.attn = Attention(spec.width, spec.heads, spec.dropout)
-        self.norm2 = nn.LayerNorm(spec.width, eps=1e-6)
-        hidden = int(spec.width * spec.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(spec.width, hidden), nn.GELU(), nn.Dropout(spec.dropout),
+        self.norm2 = nn.LayerNorm(spec.width, eps=spec.norm_eps)
+        hidden = int(round(spec.width * spec.mlp_ratio))
+        self.mlp = nn.Sequential(nn.Linear(spec.width, hidden), ACTIVATIONS[spec.activation](), nn.Dropout(spec.dropout),
                                  nn.Linear(hidden, spec.width), nn.Dropout(spec.dropout))
 
     def forward(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,14 +103,15 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(spec.in_chans, spec.width, spec.patch_size, stride=spec.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.width))
         self.pos_embed = nn.Parameter(torch.randn(1, spec.grid**2 + 1, spec.width) * 0.02)
+        self.pre_norm = nn.LayerNorm(spec.width, eps=spec.norm_eps) if spec.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.depth))
-        self.norm = nn.LayerNorm(spec.width, eps=1e-6)
+        self.norm = nn.LayerNorm(spec.width, eps=spec.norm_eps)
         self.head = nn.Linear(spec.width, spec.num_classes)
         self.apply(_init_weights)
 
     def forward(self, images: torch.Tensor, *, return_attentions: bool = False) -> dict[str, Any]:
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.pre_norm(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed)
         attentions = []
         for block in self.blocks:
             x, weights = block(x, return_attentions)

@@ -83,7 +83,7 @@ class MedGritReader(Reader):
                 regions = [*_regions(question, "question", sizes[image], at),
                            *_regions(answer, "answer", sizes[image], at)]
             records.append(Record(
-                uid=f"{stem}/{index}", image=str(image), split=split, modality=modality_of(stem),
+                uid=f"{Path(at.file).stem}/{at.record}/{index}", image=str(image), split=split, modality=modality_of(stem),
                 image_size=sizes.get(image), regions=regions, conversations=[Turn(question, answer)],
                 task=task, meta={"id": item.get("id", stem)}))
         return records

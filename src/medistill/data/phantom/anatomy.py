@@ -60,9 +60,9 @@ def _finish(anatomy: Anatomy, rng: np.random.Generator) -> Anatomy:
 
 def chest_xray(rng: np.random.Generator, size: int, patient: Patient) -> Anatomy:
     view = "AP" if rng.random() < 0.3 else "PA"
-    frame = _frame(rng, size, 0.5)
+    frame = _frame(rng, size, 0.82)
     u, v = frame.coords()
-    body = ellipse(u, v, 0.0, 0.15, 1.0, 1.3, 0.12)
+    body = ellipse(u, v, 0.0, 0.3, 1.08, 1.35, 0.12)
     heart_ru = rng.uniform(0.28, 0.35) * (1.1 if view == "AP" else 1.0)
     heart_c = (0.1 + rng.normal(0, 0.02), 0.33 + rng.normal(0, 0.02))
     heart = ellipse(u, v, heart_c[0], heart_c[1], heart_ru, 0.85 * heart_ru, 0.05)
@@ -175,7 +175,8 @@ def brain_mr(rng: np.random.Generator, size: int, patient: Patient) -> Anatomy:
     skull = ellipse(u, v, 0, 0, 0.73, 0.9, 0.02)
     brain = ellipse(u, v, 0, 0, 0.69 - atrophy / 2, 0.86 - atrophy / 2, 0.03)
     white_matter = ellipse(u, v, 0, 0.02, 0.5, 0.66, 0.15) * (1 + 0.25 * smooth_noise(rng, size, 14)).clip(0, 1)
-    sulci = smoothstep((smooth_noise(rng, size, 22) - 0.7 + 3 * atrophy) / 0.4) * brain * (1 - white_matter)
+    # sulci: thin winding lines where a smooth random field crosses zero, wider with atrophy
+    sulci = smoothstep((0.12 + atrophy - np.abs(smooth_noise(rng, size, 16))) / 0.08) * brain * (1 - white_matter)
     ventricles = {side: ellipse(u, v, cu, -0.05, 0.05 + atrophy, 0.28, 0.03) for side, cu in (("right", -0.1), ("left", 0.1))}
     image = np.zeros_like(u)
     image = _layer(image, scalp, head)

@@ -150,7 +150,9 @@ def cardiomegaly(ctx: Context) -> Lesion:
     enlarged = ellipse(a.u, a.v, cu, cv, ru * factor, 0.85 * ru * factor, 0.05)
     ctr = round(ru * factor / 0.77, 2)
     severity = "mild" if factor < 1.25 else "moderate"
-    return Lesion("cardiomegaly", enlarged, 0.3 * (enlarged - normal),
+    heart_level = float(a.image[normal > 0.9].mean())
+    # the enlarged silhouette is drawn as heart tissue over whatever the normal heart left visible
+    return Lesion("cardiomegaly", enlarged, (heart_level - a.image) * (enlarged - normal),
                   {"organ": "heart", "phrase": "cardiac silhouette"}, {"ctr": ctr, "severity": severity})
 
 

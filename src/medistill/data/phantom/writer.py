@@ -1,0 +1,1 @@
+def write_phantom(*a, **k): raise NotImplementedError
