@@ -56,6 +56,9 @@ class Regression:
     def checkpoint_config(self):
         return {"kind": "toy"}
 
+    def checkpoint_module(self):
+        return self.model
+
 
 def make_trainer(tmp_path, task, *, name="run", epochs=4, batch_size=8, accumulate=1, **train_kw) -> Trainer:
     run = RunDir(prepare_output_dir(tmp_path / name, resume=True))

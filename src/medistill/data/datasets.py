@@ -63,6 +63,15 @@ class ImageLabelDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def subset(self, indices: Sequence[int]) -> ImageLabelDataset:
+        """A view of some samples that reuses the decoded images (no second decode)."""
+        view = ImageLabelDataset.__new__(ImageLabelDataset)
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        view.records = [self.records[i] for i in index.tolist()]
+        view.label_names, view.image_size = self.label_names, self.image_size
+        view.images, view.labels = self.images[index], self.labels[index]
+        return view
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         return {"image": self.images[index], "labels": self.labels[index], "index": index}
 

@@ -49,6 +49,9 @@ class TrainTask(Protocol):
     def checkpoint_config(self) -> dict[str, Any]:
         """Architecture, preprocessing and vocabularies: enough to predict with nothing else."""
 
+    def checkpoint_module(self) -> torch.nn.Module:
+        """The part of `model` a checkpoint keeps (e.g. the student without its distillation projection)."""
+
 
 # ----------------------------------------------------------------------------------------------
 # devices and precision
@@ -265,7 +268,7 @@ class Trainer:
         finally:
             bar.close()
         if self.cfg.early_stopping.metric is None or self.progress.best_step is None:
-            save_checkpoint(self.run.checkpoint_dir, self.model, self.task.checkpoint_config())
+            save_checkpoint(self.run.checkpoint_dir, self.task.checkpoint_module(), self.task.checkpoint_config())
         self.run.log.write("end", step=self.progress.step, seconds=time.perf_counter() - started,
                            best_step=self.progress.best_step, stopped_early=self.progress.stopped_early)
         return self.progress
@@ -358,7 +361,7 @@ class Trainer:
         better = p.best_value is None or (value > p.best_value if es.mode == "max" else value < p.best_value)
         if better and math.isfinite(value):
             p.best_value, p.best_step, p.evals_since_best = value, p.step, 0
-            save_checkpoint(self.run.checkpoint_dir, self.model, self.task.checkpoint_config())
+            save_checkpoint(self.run.checkpoint_dir, self.task.checkpoint_module(), self.task.checkpoint_config())
         else:
             p.evals_since_best += 1
             if p.evals_since_best >= es.patience:

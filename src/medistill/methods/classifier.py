@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medistill.config import ClassifierConfig, DataConfig
 from medistill.data.datasets import ImageLabelDataset, normalise, preprocessing, split_for_validation
@@ -17,6 +16,7 @@ from medistill.engine.checkpoint import read_checkpoint
 from medistill.engine.rundir import RunDir
 from medistill.engine.trainer import Trainer, iterate_eval
 from medistill.errors import UsageError
+from medistill.losses.classification import masked_bce
 from medistill.methods import register_runner
 from medistill.metrics.classification import multilabel_metrics
 from medistill.models import create_model
@@ -45,12 +45,6 @@ def label_names(records: list[Record], wanted: list[str]) -> list[str]:
     return list(wanted)
 
 
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy over known (non-NaN) targets only."""
-    known = ~torch.isnan(targets)
-    losses = F.binary_cross_entropy_with_logits(logits.float(), torch.nan_to_num(targets), reduction="none")
-    return (losses * known).sum() / known.sum().clamp(min=1)
-
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset: ImageLabelDataset, batch_size: int) -> np.ndarray:
@@ -75,6 +69,9 @@ class ClassifierTask:
         dataset = self.datasets[split]
         probabilities = predict(self.model, dataset, self.config.train.eval_batch_size)
         return multilabel_metrics(probabilities, dataset.labels.numpy(), dataset.label_names)
+
+    def checkpoint_module(self) -> torch.nn.Module:
+        return self.model
 
     def checkpoint_config(self) -> dict[str, Any]:
         return {

@@ -150,7 +150,7 @@ def cardiomegaly(ctx: Context) -> Lesion:
     enlarged = ellipse(a.u, a.v, cu, cv, ru * factor, 0.85 * ru * factor, 0.05)
     ctr = round(ru * factor / 0.77, 2)
     severity = "mild" if factor < 1.25 else "moderate"
-    heart_level = float(a.image[normal > 0.9].mean())
+    heart_level = float(np.median(a.image[normal > 0.9]))
     # the enlarged silhouette is drawn as heart tissue over whatever the normal heart left visible
     return Lesion("cardiomegaly", enlarged, (heart_level - a.image) * (enlarged - normal),
                   {"organ": "heart", "phrase": "cardiac silhouette"}, {"ctr": ctr, "severity": severity})
@@ -245,6 +245,8 @@ def mammo_mass(ctx: Context) -> Lesion:
     margin = str(rng.choice(MASS_MARGINS, p=(0.3, 0.15, 0.3, 0.25)))
     x, y, location = _mammo_point(ctx)
     distortion = shape_name == "ARCHITECTURAL_DISTORTION"
+    if distortion:  # a distortion has no mass body, so no circumscribed or obscured outline
+        margin = str(rng.choice(("ILL_DEFINED", "SPICULATED")))
     spikes = ()
     if margin == "SPICULATED" or distortion:
         spikes = tuple((float(t), float(rng.uniform(0.8, 1.8))) for t in rng.uniform(0, 2 * np.pi, rng.integers(8, 16)))
