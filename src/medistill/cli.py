@@ -156,9 +156,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError("train needs --config FILE and --out DIR (or --resume DIR)")
         out = args.out
         config = load_config(args.config, args.set)
-    metrics = _run_method(config, out, bool(args.resume))
+    _run_method(config, out, bool(args.resume))
     print(f"run finished: {out}")
-    print(json.dumps(metrics.get("test") or metrics.get("val"), indent=2, sort_keys=True))
+    print(f"  metrics: {out / 'metrics.json'}")
+    if (out / "report.html").is_file():
+        print(f"  report:  {out / 'report.html'}")
     return 0
 
 

@@ -253,6 +253,8 @@ def _unwrap_optional(hint: Any) -> Any:
 
 
 def schema_for(data: dict[str, Any], default_method: str | None = None) -> type:
+    import medistill.methods  # noqa: F401  (importing the methods registers their recipe schemas)
+
     method = data.get("method", default_method)
     if method is None:
         raise ConfigError(f"the recipe has no 'method' key; set one of: {', '.join(sorted(RECIPES))}")

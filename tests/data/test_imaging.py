@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medistill.data import cache as cache_module
+from medistill.data.cache import ImageCache
 from medistill.data.imaging import image_size, load_image
 from medistill.errors import DataError
 
@@ -163,3 +166,36 @@ def test_patient_identifiers_never_reach_logs_errors_or_reports(tmp_path, caplog
     assert report["records"] == 4
     for secret in (FAKE_PATIENT, "Doe", FAKE_PATIENT_ID, "19700101", "ACC-0815"):
         assert secret not in text
+
+
+def test_cache_returns_the_image_persists_and_notices_edits(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "_GROWTH", 2)
+    paths = []
+    for index in range(5):
+        paths.append(tmp_path / f"{index}.png")
+        Image.fromarray(np.full((10, 12), index * 40, dtype=np.uint8)).save(paths[-1])
+    with ImageCache(tmp_path / "cache", size=8) as cache:
+        first = [cache.load(path) for path in paths]
+        assert all(np.array_equal(cache.load(path), image) for path, image in zip(paths, first))
+    np.testing.assert_allclose(first[3], load_image(paths[3], size=8), atol=1 / 255)
+    reopened = ImageCache(tmp_path / "cache", size=8)
+    assert len(reopened.index) == 5
+    monkeypatch.setattr(cache_module, "load_image", lambda *a, **k: pytest.fail("decoded a cached image"))
+    assert np.array_equal(reopened.load(paths[4]), first[4])
+    monkeypatch.undo()
+    Image.fromarray(np.full((10, 12), 255, dtype=np.uint8)).save(paths[0])
+    os.utime(paths[0], ns=(1, 10**18))
+    assert reopened.load(paths[0]).min() == 1.0
+    assert ImageCache(tmp_path / "cache", size=16).folder != reopened.folder
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("pattern", ["vqa_rad/VQA_RAD Image Folder/*.jpg", "mini_mias/mdb00*.png",
+                                     "nih_cxr_bbox/images/*.png"])
+def test_real_images_load(shared_data, pattern):
+    paths = sorted(shared_data.glob(pattern))[:4]
+    if not paths:
+        pytest.skip(f"no files match {pattern} in {shared_data}")
+    for path in paths:
+        image = load_image(path, size=224)
+        assert image.shape == (224, 224) and 0.0 <= image.min() < image.max() <= 1.0

@@ -35,7 +35,8 @@ def check_dataset(format_name: str, root: str | Path, *, on_error: str = "raise"
     missing = sorted(_relative(path, base) for path in referenced if not Path(path).exists())
     image_dir = reader.referenced_image_dir()
     files = _image_files(image_dir) if image_dir is not None else None
-    unreferenced = sorted(_relative(path, base) for path in (files or set()) - referenced)
+    also = {path for record in records for path in record.meta.get("files", [])}
+    unreferenced = sorted(_relative(path, base) for path in (files or set()) - referenced - also)
     duplicates, leakage = _duplicates_and_leakage(records)
     problems = [_problem_dict(problem, base) for problem in reader.problems]
     report = {
@@ -121,6 +122,8 @@ def _region_counts(records: list[Record]) -> dict[str, Any]:
 
 
 def _referenced_files(records: list[Record]) -> set[str]:
+    """Images and masks (which must exist); other files a record names in `meta["files"]` (a
+    CBIS-DDSM cropped image) only count as referenced."""
     files = {record.image for record in records if record.image}
     files |= {region.mask for record in records for region in record.regions if region.mask}
     return files

@@ -26,21 +26,24 @@ def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
     return (images_uint8.float() / 255.0 - IMAGE_MEAN) / IMAGE_STD
 
 
-def split_for_validation(records: Sequence[Record], fraction: float = 0.15) -> tuple[list[Record], list[Record]]:
-    """Train and val records: the reader's own val split when it has one, else a patient-level holdout.
+def patient_holdout(records: Sequence[Record], fraction: float = 0.15) -> tuple[list[Record], list[Record]]:
+    """Split records into (kept, held out) by a hash of the patient (or study, or image) id.
 
-    The holdout hashes the patient (or study, or image) id, so it is stable and never splits a patient.
+    The split is stable across runs and never puts one patient on both sides.
     """
-    train = [r for r in records if r.split == "train"]
-    val = [r for r in records if r.split == "val"]
-    if val:
-        return train, val
 
-    def in_holdout(record: Record) -> bool:
+    def held_out(record: Record) -> bool:
         key = record.patient_id or record.study_id or record.image or record.uid
         return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
-    return [r for r in train if not in_holdout(r)], [r for r in train if in_holdout(r)]
+    return [r for r in records if not held_out(r)], [r for r in records if held_out(r)]
+
+
+def split_for_validation(records: Sequence[Record], fraction: float = 0.15) -> tuple[list[Record], list[Record]]:
+    """Train and val records: the reader's own val split when it has one, else a patient-level holdout."""
+    train = [r for r in records if r.split == "train"]
+    val = [r for r in records if r.split == "val"]
+    return (train, val) if val else patient_holdout(train, fraction)
 
 
 class ImageLabelDataset(Dataset):

@@ -10,7 +10,6 @@ element's value, and exception texts from the DICOM decoders are not passed on.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medistill.errors import DataError
-
-log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)

@@ -46,3 +46,12 @@ def png_bytes(rgb: np.ndarray, scale: int = 1) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def heatmap(grey: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """A saliency map in [0, 1] blended over a grey image with the 'jet' colour map, as uint8 RGB."""
+    from matplotlib import colormaps
+
+    colours = colormaps["jet"](np.clip(saliency, 0, 1))[..., :3]
+    base = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2)
+    return (255 * ((1 - alpha) * base + alpha * colours)).round().astype(np.uint8)

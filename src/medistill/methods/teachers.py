@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medistill.config import OptimConfig, TrainConfig
+from medistill.data.formats.mimic_cxr import report_sections
 from medistill.data.records import Record
 from medistill.engine.rundir import RunDir, prepare_output_dir
 from medistill.engine.trainer import Trainer, iterate_eval
@@ -44,7 +45,8 @@ class TeacherConfig:
     kind: str = "text"  # text | tabular
     encoder: str = DEFAULT_TEXT_ENCODER  # text: 'minilm-l6' or a local Hugging Face BERT-family directory
     finetune: bool = False  # text: train the encoder too (slow on a CPU)
-    max_length: int = 128
+    sections: list[str] = field(default_factory=lambda: ["FINDINGS", "IMPRESSION"])  # empty: the whole report
+    max_length: int = 256
     model: str = "mlp"  # tabular: mlp | hgb
     columns: list[str] = field(default_factory=list)  # tabular: columns the teacher sees (empty: all)
     hidden: int = 128
@@ -142,13 +144,16 @@ class TrainedTeacher:
     inputs: dict[str, dict[str, torch.Tensor]]  # per split, the tensors the online module takes
 
 
-def report_texts(records: Sequence[Record]) -> list[str]:
+def report_texts(records: Sequence[Record], sections: Sequence[str]) -> list[str]:
+    """The report text a teacher reads: the named sections joined (the whole report when none are found)."""
     texts = []
     for record in records:
         if not record.report or not record.report.strip():
             raise UsageError(f"record {record.uid} has an empty report: a text teacher needs one for every "
                              "training sample (filter such records or use a tabular teacher)")
-        texts.append(record.report)
+        found = report_sections(record.report)
+        chosen = [f"{name}: {found[name]}" for name in sections if found.get(name)]
+        texts.append(" ".join(chosen) if chosen else " ".join(record.report.split()))
     return texts
 
 
@@ -227,7 +232,7 @@ def train_teacher(config: TeacherConfig, splits: dict[str, list[Record]], names:
 def _train_text_teacher(config: TeacherConfig, splits: dict[str, list[Record]], labels: dict[str, torch.Tensor],
                         names: Sequence[str], train: TrainConfig, run_dir: Path, cache_dir: Path) -> TrainedTeacher:
     encoder = TextEncoder(config.encoder, max_length=config.max_length)
-    texts = {split: report_texts(records) for split, records in splits.items()}
+    texts = {split: report_texts(records, config.sections) for split, records in splits.items()}
     head = HeadTeacher(encoder.width, config.hidden, len(names))
     tokens = {split: dict(encoder.tokenize(t) if t else {}) for split, t in texts.items()}
     token_inputs = {split: {"input_ids": _pad(t["input_ids"], config.max_length),

@@ -72,6 +72,10 @@ def example_gallery(dataset: ImageLabelDataset, probabilities: np.ndarray, count
 def write_run_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
+    if config.method == "mmpkd":
+        from medistill.report.mmpkd import write_mmpkd_report
+
+        return write_mmpkd_report(run_dir)
     report = HtmlReport(f"medistill run: {run_dir.name}")
     if isinstance(config, ClassifierConfig):
         classifier_section(report, run_dir, config)

@@ -54,6 +54,8 @@ class CbisDdsmReader(Reader):
                                field="pathology")
         image = self._resolve(row, "image_file_path", "full mammogram")
         mask = self._resolve(row, "roi_mask_file_path", "mask")
+        cropped = self._resolve(row, "cropped_image_file_path", "cropped") if row.get("cropped_image_file_path") \
+            else None
         case = image.relative_to(self.root).parts[0] if image.is_relative_to(self.root) else image.parent.name
         table: dict[str, object] = {name: row.get(name) for name in DESCRIPTORS}
         for name in NUMERIC:
@@ -70,7 +72,7 @@ class CbisDdsmReader(Reader):
             regions=[Region(row.get("abnormality_type") or "abnormality", mask=str(mask),
                             attributes={"pathology": pathology})],
             table={"laterality": row.require("left_or_right_breast").upper(), **table},
-            meta={"pathology": pathology},
+            meta={"pathology": pathology, "files": [str(cropped)] if cropped else []},
         )
 
     def _resolve(self, row: Row, column: str, series: str) -> Path:

@@ -37,9 +37,11 @@ _DESCRIBE = re.compile(r"\b(describe|description|caption|detail)", re.IGNORECASE
 
 
 def modality_of(stem: str) -> str | None:
-    """The modality from the file-name prefix ('x_ray_0001' -> 'x_ray', 'ct_12' -> 'ct')."""
+    """The modality from the file-name prefix: one of Med-GRIT's eight ('x_ray_0001' -> 'x_ray'), else
+    the text before the first '_' ('mammo_12' -> 'mammo'), else None."""
     lower = stem.lower()
-    return next((name for name in MODALITIES if lower.startswith(name + "_")), None)
+    known = next((name for name in MODALITIES if lower.startswith(name + "_")), None)
+    return known or (lower.split("_", 1)[0] if "_" in lower else None)
 
 
 def task_of(question: str, answer: str) -> str:
