@@ -25,7 +25,11 @@ def main() -> None:
     results = []
     for name in names:
         results += importlib.import_module(f"bench.{name}").run(args.full)
-    (HERE / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    path = HERE / "results.json"
+    if args.only and path.exists():  # a partial run updates its own figures and keeps the others
+        fresh = {r["name"] for r in results}
+        results = [r for r in json.loads(path.read_text()) if r["name"] not in fresh] + results
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(f"{'name':40} {'value':>12} {'unit':12} {'ratio':>8} {'goal':>6}  met  baseline")
     for r in results:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"

@@ -99,8 +99,8 @@ def _lung_point(ctx: Context, side: str | None = None) -> tuple[str, float, floa
 
 def nodule(ctx: Context) -> Lesion:
     _, x, y = _lung_point(ctx)
-    profile = draw(ctx.shape(x, y, ctx.rng.uniform(3.5, 12.0), irregularity=0.05), ctx.anatomy.frame.size)
-    amp, conspicuity = ctx.amplitude(0.28)
+    profile = draw(ctx.shape(x, y, ctx.rng.uniform(4.0, 14.0), irregularity=0.05), ctx.anatomy.frame.size)
+    amp, conspicuity = ctx.amplitude(0.36)
     return Lesion("nodule", profile, amp * profile, _lung_location(ctx, x, y), {"conspicuity": conspicuity})
 
 
@@ -111,7 +111,7 @@ def mass(ctx: Context) -> Lesion:
         if margin == "spiculated" else ()
     shape = ctx.shape(x, y, ctx.rng.uniform(15.0, 30.0), irregularity=0.08, spikes=spikes)
     profile = draw(shape, ctx.anatomy.frame.size)
-    amp, conspicuity = ctx.amplitude(0.28)
+    amp, conspicuity = ctx.amplitude(0.36)
     return Lesion("mass", profile, amp * profile, _lung_location(ctx, x, y),
                   {"margin": margin, "conspicuity": conspicuity})
 
@@ -121,7 +121,7 @@ def consolidation(ctx: Context) -> Lesion:
     size = ctx.anatomy.frame.size
     patch = draw(ctx.shape(x, y, ctx.rng.uniform(22.0, 45.0), irregularity=0.15, aspect=1.4), size)
     profile = patch * ctx.anatomy.structures[f"{side} lung"] * np.clip(0.7 + 0.4 * smooth_noise(ctx.rng, size, 20), 0, 1)
-    amp, conspicuity = ctx.amplitude(0.24)
+    amp, conspicuity = ctx.amplitude(0.3)
     bronchograms = bool(ctx.rng.random() < 0.4)
     return Lesion("consolidation", profile, amp * profile, _lung_location(ctx, x, y),
                   {"air_bronchograms": bronchograms, "conspicuity": conspicuity})
@@ -151,8 +151,8 @@ def cardiomegaly(ctx: Context) -> Lesion:
     ctr = round(ru * factor / 0.77, 2)
     severity = "mild" if factor < 1.25 else "moderate"
     heart_level = float(np.median(a.image[normal > 0.9]))
-    # the enlarged silhouette is drawn as heart tissue over whatever the normal heart left visible
-    return Lesion("cardiomegaly", enlarged, (heart_level - a.image) * (enlarged - normal),
+    # the enlarged silhouette lifts whatever is darker than heart tissue (lung) to the heart's level
+    return Lesion("cardiomegaly", enlarged, np.maximum(heart_level - a.image, 0.0) * enlarged,
                   {"organ": "heart", "phrase": "cardiac silhouette"}, {"ctr": ctr, "severity": severity})
 
 
@@ -164,7 +164,7 @@ def pneumothorax(ctx: Context) -> Lesion:
     cu = (-0.44 if side == "right" else 0.44) * (1 - 0.15 * (1 - collapse))
     retracted = ellipse(a.u, a.v, cu, 0.05 * (1 - collapse) / 0.3, 0.33 * collapse, 0.75 * collapse, 0.03)
     profile = lung * (1 - retracted)
-    amp, conspicuity = ctx.amplitude(0.12)
+    amp, conspicuity = ctx.amplitude(0.15)
     pleural_line = 4 * retracted * (1 - retracted) * lung
     delta = -a.extras["markings"] * profile - amp * profile + 1.5 * amp * pleural_line
     return Lesion("pneumothorax", profile, delta, {"side": side, "zone": "apical", "phrase": f"{side} apex"},
