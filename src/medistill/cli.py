@@ -239,8 +239,8 @@ def _add_demo_bench(subparsers: Any, common: argparse.ArgumentParser) -> None:
     demo = _add_command(subparsers, "demo", "generate phantom data, run every method at demo scale, write a report",
                         ["medistill demo", "medistill demo --out /tmp/demo --cases 300"], cmd_demo, common)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    demo.add_argument("--cases", type=int, default=900, help="phantom cases per modality (default 900)")
-    demo.add_argument("--epochs", type=int, default=12, help="training epochs of each demo model (default 12)")
+    demo.add_argument("--cases", type=int, default=1500, help="phantom cases per modality (default 1500)")
+    demo.add_argument("--epochs", type=int, help="training epochs of each demo model (default: the demo recipes')")
     demo.add_argument("--seed", type=int, default=0)
     bench = _add_command(subparsers, "bench", "run the benchmarks in bench/ and write bench/results.json",
                          ["medistill bench", "medistill bench --full"], cmd_bench, common)

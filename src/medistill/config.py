@@ -39,6 +39,7 @@ class ModelConfig:
 
     name: str = "vit-tiny"
     patch_size: int = 8
+    stem: str = "patch"  # patch (plain ViT) | conv (early convolutions; better on small data sets)
     dropout: float = 0.0
 
 

@@ -9,54 +9,58 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from medistill.config import ClassifierConfig, from_dict, read_yaml
+from medistill.config import from_dict, read_yaml
 from medistill.data.formats import open_dataset
+from medistill.data.imaging import load_image
 from medistill.engine.logging import write_json
 from medistill.engine.rundir import RunDir, prepare_output_dir
 from medistill.explain.overlay import PALETTE, load_mask, outline, png_bytes, to_rgb
-from medistill.data.imaging import load_image
+from medistill.errors import UsageError
 from medistill.report.html import HtmlReport
-from medistill.report.run import classifier_section
 
 log = logging.getLogger(__name__)
 
-RECIPE = Path(__file__).resolve().parents[2] / "configs" / "demo" / "classifier.yaml"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
+DEMO_IMAGE_SIZE = 128  # phantom pixels; the demo models work at 64 px
 
 
-def demo_classifier_config(data_root: Path, seed: int, epochs: int) -> ClassifierConfig:
-    """The demo recipe (configs/demo/classifier.yaml when present, else the same values built in)."""
-    data = read_yaml(RECIPE) if RECIPE.is_file() else {"method": "classifier"}
-    config = from_dict(ClassifierConfig, data)
+def demo_config(name: str, data_root: Path, seed: int, epochs: int | None) -> Any:
+    """A demo recipe from configs/demo/ with the demo's data root, seed and (optionally) epochs."""
+    from medistill.config import schema_for
+
+    path = CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        raise UsageError(f"{path} is missing: run the demo from a source checkout of medistill")
+    data = read_yaml(path)
+    config = from_dict(schema_for(data), data)
     config.data.root = str(data_root)
-    config.data.format = "phantom"
-    config.data.modality = "cxr"
-    config.train.seed = seed
-    config.train.epochs = epochs
+    config.seeds = [seed]
+    if epochs is not None:
+        config.train.epochs = epochs
     return config
 
 
 def ensure_phantom(root: Path, cases: int, seed: int) -> dict[str, Any]:
     """Generate the demo's phantom set, or reuse it when an identical one is already there."""
-    from medistill.data.phantom import MODALITIES, write_phantom
+    from medistill.data.phantom import MODALITIES, PhantomKnobs, write_phantom
 
+    knobs = PhantomKnobs(image_size=DEMO_IMAGE_SIZE)
     manifest = root / "manifest.json"
     if manifest.is_file():
         existing = json.loads(manifest.read_text(encoding="utf-8"))
-        if existing.get("seed") == seed and existing.get("cases_per_modality") == cases:
+        same_knobs = existing.get("knobs") == json.loads(json.dumps(vars(knobs)))
+        if existing.get("seed") == seed and existing.get("cases_per_modality") == cases and same_knobs:
             log.info("reusing the phantom set in %s", root)
             return existing
     log.info("generating %d phantom cases per modality in %s", cases, root)
-    write_phantom(root, cases=cases, seed=seed, modalities=MODALITIES, overwrite=True, progress=True)
+    write_phantom(root, cases=cases, seed=seed, modalities=MODALITIES, knobs=knobs, overwrite=True, progress=True)
     return json.loads(manifest.read_text(encoding="utf-8"))
 
 
 def phantom_section(report: HtmlReport, root: Path) -> None:
     """One example of every modality with its findings outlined and its report, to show what the data is."""
-    records = list(open_dataset("phantom", root, task="labels").records())
     shown: dict[str, Any] = {}
-    for record in records:
+    for record in open_dataset("phantom", root, task="labels").records():
         if record.modality not in shown and record.regions and record.image:
             shown[record.modality] = record
     items = []
@@ -67,16 +71,18 @@ def phantom_section(report: HtmlReport, root: Path) -> None:
             if region.mask:
                 rgb = outline(rgb, load_mask(region.mask, image.shape), PALETTE[k % len(PALETTE)])
         findings = ", ".join(r.label for r in record.regions)
-        items.append((png_bytes(rgb), f"{modality}: {findings}"))
+        items.append((png_bytes(rgb, scale=2), f"{modality}: {findings}"))
     report.gallery(items)
     report.text("Outlines are the exact lesion masks; at the default subtlety the lesions are faint on purpose "
-                "(docs/phantom.md). Example report of the first case:", note=True)
-    first = next(iter(shown.values()), None)
-    if first is not None:
-        report.code(first.report or "")
+                "(docs/phantom.md). The report of the chest X-ray above, which only the teacher reads:", note=True)
+    if "cxr" in shown:
+        report.code(shown["cxr"].report or "")
 
 
-def run_demo(out: str | Path, *, cases: int, seed: int, epochs: int) -> dict[str, Any]:
+def run_demo(out: str | Path, *, cases: int, seed: int, epochs: int | None) -> dict[str, Any]:
+    from medistill.methods import RUNNERS
+    from medistill.report.mmpkd import mmpkd_section
+
     started = time.perf_counter()
     out = prepare_output_dir(out, resume=True)
     phantom = ensure_phantom(out / "data", cases, seed)
@@ -84,24 +90,26 @@ def run_demo(out: str | Path, *, cases: int, seed: int, epochs: int) -> dict[str
     report.heading("The phantom world")
     phantom_section(report, out / "data")
 
-    from medistill.methods import RUNNERS
-
-    run_path = out / "classifier"
+    run_path = out / "mmpkd-cxr"
     shutil.rmtree(run_path, ignore_errors=True)
-    config = demo_classifier_config(out / "data", seed, epochs)
+    config = demo_config("mmpkd-cxr", out / "data", seed, epochs)
     run = RunDir(prepare_output_dir(run_path))
     run.write_config(config)
-    log.info("training the image-only classifier on phantom chest X-rays")
-    classifier = RUNNERS["classifier"](config, run, False)
-    report.heading("Image-only classifier (phantom chest X-ray)")
-    classifier_section(report, run_path, config)
+    log.info("MMPKD on phantom chest X-rays: report teacher, image-only student, distilled student")
+    mmpkd = RUNNERS["mmpkd"](config, run, False)
+    report.heading("Privileged-modality distillation (MMPKD), phantom chest X-ray")
+    report.text("The student without distillation is the image-only classifier every method is compared with.")
+    mmpkd_section(report, run_path)
 
     seconds = time.perf_counter() - started
     report.text(f"Demo wall time: {seconds:.0f} s. Re-create with: medistill demo --out {out} --cases {cases} "
-                f"--seed {seed} --epochs {epochs}", note=True)
+                f"--seed {seed}" + (f" --epochs {epochs}" if epochs else ""), note=True)
     report_path = report.write(out / "report.html")
-    metrics = {"seconds": seconds, "phantom": phantom, "classifier": {"test": classifier["test"],
-                                                                     "samples": classifier["samples"]}}
+    metrics = {
+        "seconds": seconds,
+        "phantom": {"cases_per_modality": phantom["cases_per_modality"], "counts": phantom["counts"]},
+        "mmpkd_cxr": {model: {name: mmpkd[model][name]["mean"] for name in mmpkd[model]}
+                      for model in ("teacher", "student", "student_kd")} | {"chance": mmpkd["chance"]},
+    }
     write_json(out / "metrics.json", metrics)
-    return {"seconds": seconds, "report": report_path, "metrics": out / "metrics.json",
-            "auroc": float(np.nan_to_num(classifier["test"].get("auroc", float("nan"))))}
+    return {"seconds": seconds, "report": report_path, "metrics": out / "metrics.json"}

@@ -101,6 +101,8 @@ def validate(config: MMPKDConfig) -> None:
         raise UsageError(f"explain.maps {unknown} unknown; choose from {', '.join(MAP_KINDS)}")
     if not config.seeds:
         raise UsageError("seeds is empty: give at least one seed")
+    if config.student.pretrained and config.student.stem != "patch":
+        raise UsageError("student.pretrained checkpoints have a patch stem: drop student.stem=conv")
     if config.folds == 1 or config.folds < 0:
         raise UsageError("folds must be 0 (use the dataset's split) or at least 2")
 
@@ -226,7 +228,7 @@ def build_student(config: MMPKDConfig, num_classes: int, seed: int) -> VisionTra
         return load_pretrained_vit(s.pretrained, num_classes=num_classes, image_size=config.data.image_size,
                                    dropout=s.dropout)
     return create_model(s.name, image_size=config.data.image_size, patch_size=s.patch_size,
-                        num_classes=num_classes, dropout=s.dropout)  # type: ignore[return-value]
+                        num_classes=num_classes, dropout=s.dropout, stem=s.stem)  # type: ignore[return-value]
 
 
 def train_student(config: MMPKDConfig, datasets: dict[str, ImageLabelDataset], distill: DistillConfig,

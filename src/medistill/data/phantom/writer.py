@@ -71,6 +71,9 @@ def write_phantom(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
+    except OSError as error:  # os.access can say yes where the file system says no (/proc, read-only mounts)
+        raise UsageError(f"cannot write in {out.parent} ({error.strerror}): choose another output folder") from None
+    try:
         summary = _write_all(staging, cases, seed, modalities, knobs, progress)
         if out.exists():
             shutil.rmtree(out)
