@@ -46,6 +46,12 @@ def split_for_validation(records: Sequence[Record], fraction: float = 0.15) -> t
     return (train, val) if val else patient_holdout(train, fraction)
 
 
+def label_matrix(records: Sequence[Record], names: Sequence[str]) -> torch.Tensor:
+    """Labels as a (records, names) float tensor, NaN where unknown; (0, names) for no records."""
+    rows = [r.label_vector(list(names)) for r in records]
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(names))
+
+
 class ImageLabelDataset(Dataset):
     """Images and label vectors (NaN = unknown) of records, decoded once at `image_size`."""
 
@@ -55,7 +61,7 @@ class ImageLabelDataset(Dataset):
         self.image_size = image_size
         self.images = torch.from_numpy(np.stack([self._decode(r) for r in self.records])) if self.records else \
             torch.empty(0, image_size, image_size, dtype=torch.uint8)
-        self.labels = torch.tensor([r.label_vector(self.label_names) for r in self.records], dtype=torch.float32)
+        self.labels = label_matrix(self.records, self.label_names)
 
     def _decode(self, record: Record) -> np.ndarray:
         if record.image is None:

@@ -50,6 +50,8 @@ def label_names(records: list[Record], wanted: list[str]) -> list[str]:
 def predict(model: torch.nn.Module, dataset: ImageLabelDataset, batch_size: int) -> np.ndarray:
     """Sigmoid probabilities (samples, labels) in dataset order."""
     device = next(model.parameters()).device
+    if len(dataset) == 0:
+        return np.zeros((0, len(dataset.label_names)), dtype=np.float32)
     outputs = [torch.sigmoid(model(normalise(b["image"]).unsqueeze(1))["logits"].float()).cpu()
                for b in iterate_eval(dataset, batch_size, None, device)]
     return torch.cat(outputs).numpy()

@@ -96,6 +96,11 @@ def validate(config: MMPKDConfig) -> None:
         raise UsageError(f"distill.temperature must be positive, not {d.temperature}")
     if d.mode not in ("offline", "online"):
         raise UsageError(f"distill.mode must be offline or online, not {d.mode!r}")
+    non_neural = config.teacher.kind == "tabular" and config.teacher.model == "hgb"
+    if non_neural and d.mode == "online":
+        raise UsageError("distill.mode=online needs a neural teacher (teacher.model=hgb has none): use offline")
+    if non_neural and d.feature_weight > 0:
+        raise UsageError("distill.feature_weight > 0 needs a teacher with embeddings (teacher.model=hgb has none)")
     unknown = [kind for kind in config.explain.maps if kind not in MAP_KINDS]
     if unknown:
         raise UsageError(f"explain.maps {unknown} unknown; choose from {', '.join(MAP_KINDS)}")

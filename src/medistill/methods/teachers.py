@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medistill.config import OptimConfig, TrainConfig
+from medistill.data.datasets import label_matrix
 from medistill.data.formats.mimic_cxr import report_sections
 from medistill.data.records import Record
 from medistill.engine.rundir import RunDir, prepare_output_dir
@@ -48,12 +49,17 @@ class TeacherConfig:
     sections: list[str] = field(default_factory=lambda: ["FINDINGS", "IMPRESSION"])  # empty: the whole report
     max_length: int = 256
     model: str = "mlp"  # tabular: mlp | hgb
-    columns: list[str] = field(default_factory=list)  # tabular: columns the teacher sees (empty: all)
+    columns: list[str] = field(default_factory=list)  # tabular: columns the teacher sees (empty: all but `exclude`)
+    exclude: list[str] = field(default_factory=lambda: list(IDENTIFIER_AND_TARGET_COLUMNS))
     hidden: int = 128
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
     finetune_lr: float = 3e-5
+
+
+# Never teacher inputs by default: identifiers (which also must not leak) and the CBIS-DDSM target itself.
+IDENTIFIER_AND_TARGET_COLUMNS = ("patient_id", "subject_id", "study_id", "dicom_id", "abnormality id", "pathology")
 
 
 class TensorDictDataset(Dataset):
@@ -119,6 +125,8 @@ class TeacherTask:
         device = next(self.model.parameters()).device
         parts = [self.model(**{k: b[k] for k in self.inputs})
                  for b in iterate_eval(self.splits[split], self.batch_size, None, device)]
+        if not parts:  # an empty split (tiny data sets)
+            return {"logits": torch.zeros(0, len(self.names)), "embedding": torch.zeros(0, 0)}
         return {key: torch.cat([p[key].float().cpu() for p in parts]) for key in ("logits", "embedding")}
 
     def evaluate(self, split: str) -> dict[str, float]:
@@ -157,11 +165,12 @@ def report_texts(records: Sequence[Record], sections: Sequence[str]) -> list[str
     return texts
 
 
-def table_rows(records: Sequence[Record], columns: Sequence[str]) -> list[dict[str, Any]]:
+def table_rows(records: Sequence[Record], columns: Sequence[str], exclude: Sequence[str]) -> list[dict[str, Any]]:
+    """The table cells a teacher sees: the chosen columns, or every column but the excluded ones."""
     rows = []
     for record in records:
         row = dict(record.table or {})
-        rows.append({c: row.get(c) for c in columns} if columns else row)
+        rows.append({c: row.get(c) for c in columns} if columns else {k: v for k, v in row.items() if k not in exclude})
     return rows
 
 
@@ -178,10 +187,6 @@ def _cached_embeddings(encoder: TextEncoder, texts: list[str], cache_dir: Path) 
     save_file({"embedding": embedding.contiguous()}, str(tmp))
     tmp.replace(path)
     return embedding
-
-
-def _labels(records: Sequence[Record], names: Sequence[str]) -> torch.Tensor:
-    return torch.tensor([r.label_vector(list(names)) for r in records], dtype=torch.float32)
 
 
 def _fit(model: nn.Module, inputs: list[str], tensors: dict[str, dict[str, torch.Tensor]], names: Sequence[str],
@@ -206,11 +211,11 @@ def train_teacher(config: TeacherConfig, splits: dict[str, list[Record]], names:
                   run_dir: Path, cache_dir: Path) -> TrainedTeacher:
     """Train the configured teacher on `splits['train']` (selected on 'val') and compute its outputs."""
     torch.manual_seed(train.seed)
-    labels = {split: _labels(records, names) for split, records in splits.items()}
+    labels = {split: label_matrix(records, names) for split, records in splits.items()}
     if config.kind == "text":
         return _train_text_teacher(config, splits, labels, names, train, run_dir, cache_dir)
     if config.kind == "tabular":
-        rows = {split: table_rows(records, config.columns) for split, records in splits.items()}
+        rows = {split: table_rows(records, config.columns, config.exclude) for split, records in splits.items()}
         if not any(rows["train"]):
             raise UsageError("the training records carry no table: a tabular teacher needs a table row per sample")
         for column, label in enumerate(names):
@@ -284,11 +289,13 @@ def _train_hgb_teacher(rows: dict[str, list[dict[str, Any]]], labels: dict[str, 
         model = HistGradientBoostingClassifier(categorical_features=categorical, random_state=seed, max_iter=200)
         model.fit(features["train"][known], y[known].astype(int))
         for split, x in features.items():
+            if not len(x):
+                continue
             probability = np.clip(model.predict_proba(x)[:, 1], 1e-6, 1 - 1e-6)
             logits[split][:, column] = torch.from_numpy(np.log(probability / (1 - probability))).float()
     outputs = {split: {"logits": value} for split, value in logits.items()}
     metrics = {split: multilabel_metrics(torch.sigmoid(value).numpy(), labels[split].numpy(), list(names))
-               for split, value in logits.items() if split != "train"}
+               for split, value in logits.items() if split != "train" and len(value)}
     return TrainedTeacher(outputs, metrics, None, [], {})
 
 

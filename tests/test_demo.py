@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medistill.cli import main
+
+
+@pytest.mark.slow
+def test_demo_at_tiny_scale_writes_report_and_metrics(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--cases", "30", "--epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "report.html") in printed and str(out / "metrics.json") in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["phantom"]["cases_per_modality"] == 30
+    assert set(metrics["phantom"]["counts"]) == {"cxr", "mammo", "ct", "mr"}
+    for model in ("teacher", "student", "student_kd"):
+        assert "auroc" in metrics["mmpkd_cxr"][model]
+    page = (out / "report.html").read_text()
+    assert "The phantom world" in page and "MMPKD" in page and page.count("<img") >= 6
+    # a second run reuses the phantom set instead of generating it again
+    manifest = (out / "data" / "manifest.json").stat().st_mtime_ns
+    assert main(["demo", "--out", str(out), "--cases", "30", "--epochs", "1"]) == 0
+    assert (out / "data" / "manifest.json").stat().st_mtime_ns == manifest
