@@ -41,11 +41,13 @@ def regions_of_interest(record: Record, label_names: list[str]) -> list[Region]:
 
     When the label set names the regions (chest findings), the regions of positive labels; when it does
     not (mammography's 'malignant' over 'mass' and 'calcification' regions), every region of the record.
+    Regions without a location (mini-MIAS calcifications without coordinates) cannot be scored and are left out.
     """
-    named = [r for r in record.regions if r.label in label_names]
+    located = [r for r in record.regions if r.mask or r.box or r.circle]
+    named = [r for r in located if r.label in label_names]
     if named:
         return [r for r in named if record.labels.get(r.label) == 1.0]
-    return list(record.regions)
+    return [] if any(r.label in label_names for r in record.regions) else located
 
 
 def union_mask(record: Record, regions: list[Region], size: int) -> np.ndarray:

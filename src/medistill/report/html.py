@@ -16,7 +16,9 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 .gallery{display:flex;flex-wrap:wrap;gap:12px}.gallery figure{margin:0;width:220px}
 .gallery img{width:220px;image-rendering:pixelated;border:1px solid #999}
-figcaption{font-size:.8em;line-height:1.3}.note{color:#555;font-size:.9em}pre{background:#f6f6f6;padding:.5em}
+.gallery.grid{display:grid;grid-template-columns:repeat(var(--columns),220px)}
+figcaption{font-size:.8em;line-height:1.3}.note{color:#555;font-size:.9em}
+pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap}
 """
 
 
@@ -47,11 +49,13 @@ class HtmlReport:
                        for row in rows)
         self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
 
-    def gallery(self, items: Sequence[tuple[bytes, str]]) -> None:
+    def gallery(self, items: Sequence[tuple[bytes, str]], columns: int | None = None) -> None:
+        """Images with captions; with `columns`, a fixed grid so that each row reads as one case."""
         figures = "".join(
             f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>" for png, caption in items)
-        self.parts.append(f'<div class="gallery">{figures}</div>')
+        layout = f' class="gallery grid" style="--columns:{columns}"' if columns else ' class="gallery"'
+        self.parts.append(f"<div{layout}>{figures}</div>")
 
     def image(self, png: bytes, alt: str) -> None:
         self.parts.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')

@@ -44,7 +44,7 @@ def mmpkd_section(report: HtmlReport, run_dir: Path) -> None:
         captions = json.loads((gallery / "captions.json").read_text(encoding="utf-8"))
         items = [((gallery / f"{i:03d}.png").read_bytes(), caption) for i, caption in enumerate(captions)]
         report.text("Gallery (last run): the region of interest outlined, then each student's attention rollout.")
-        report.gallery(items)
+        report.gallery(items, columns=3)
 
 
 def write_mmpkd_report(run_dir: str | Path) -> Path:
