@@ -160,11 +160,11 @@ def pneumothorax(ctx: Context) -> Lesion:
     side = "right" if ctx.rng.random() < 0.5 else "left"
     a = ctx.anatomy
     lung = a.structures[f"{side} lung"]
-    collapse = float(ctx.rng.uniform(0.65, 0.88))
+    collapse = float(ctx.rng.uniform(0.68, 0.9))
     cu = (-0.44 if side == "right" else 0.44) * (1 - 0.15 * (1 - collapse))
     retracted = ellipse(a.u, a.v, cu, 0.05 * (1 - collapse) / 0.3, 0.33 * collapse, 0.75 * collapse, 0.03)
     profile = lung * (1 - retracted)
-    amp, conspicuity = ctx.amplitude(0.25)
+    amp, conspicuity = ctx.amplitude(0.2)
     pleural_line = 4 * retracted * (1 - retracted) * lung
     delta = -a.extras["markings"] * profile - amp * profile + 1.5 * amp * pleural_line
     return Lesion("pneumothorax", profile, delta, {"side": side, "zone": "apical", "phrase": f"{side} apex"},

@@ -11,7 +11,7 @@ from medistill.errors import UsageError
 class PhantomKnobs:
     """Settings of the synthetic world. The CLI turns each field into a `--field-name` flag."""
 
-    subtlety: float = field(default=0.5, metadata={
+    subtlety: float = field(default=0.3, metadata={
         "help": "how faint lesions are, 0 (conspicuous) to 0.95 (nearly invisible); lesion contrast is "
                 "scaled by (1 - subtlety). At the default lesions are faint but learnable"})
     label_noise: float = field(default=0.05, metadata={
