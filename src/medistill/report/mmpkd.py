@@ -52,3 +52,15 @@ def write_mmpkd_report(run_dir: str | Path) -> Path:
     report = HtmlReport(f"MMPKD experiment: {run_dir.name}")
     mmpkd_section(report, run_dir)
     return report.write(run_dir / "report.html")
+
+
+def markdown_table(metrics: dict[str, Any], kind: str = "rollout") -> str:
+    """The experiment's main table as Markdown (docs/results.md is assembled from these)."""
+    lines = ["| metric | teacher | student | student + KD | chance |", "|---|---|---|---|---|"]
+    for name in CLASSIFICATION:
+        cells = [_cell(metrics[m].get(name)) for m in ("teacher", "student", "student_kd")]
+        lines.append(f"| {name} | {' | '.join(cells)} | {'0.500' if name == 'auroc' else 'n/a'} |")
+    for name in LOCALIZATION:
+        cells = [_cell(metrics[m].get(f"{kind}/{name}")) for m in ("student", "student_kd")]
+        lines.append(f"| {kind}: {name} | - | {' | '.join(cells)} | {format_value(metrics['chance'].get(name))} |")
+    return "\n".join(lines)
