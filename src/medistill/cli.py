@@ -197,6 +197,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+
+
 def _add_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
     train = _add_command(
         subparsers, "train", "train any recipe into a run directory, or resume one",
@@ -204,8 +209,7 @@ def _add_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
          "medistill train --resume runs/cls"], cmd_train, common)
     train.add_argument("--config", type=Path, help="a YAML recipe under configs/")
     train.add_argument("--out", type=Path, help="the run directory to create")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    _add_overrides(train)
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run exactly")
 
     evaluate = _add_command(
@@ -215,7 +219,7 @@ def _add_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
         cmd_eval, common)
     evaluate.add_argument("checkpoint", type=Path, help="a checkpoint directory (model.safetensors + config.json)")
     evaluate.add_argument("--config", type=Path, required=True, help="the recipe whose data section to read")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    _add_overrides(evaluate)
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
 
     experiment = _add_command(
@@ -226,7 +230,7 @@ def _add_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
     experiment.add_argument("name", choices=EXPERIMENTS, help="the method")
     experiment.add_argument("--config", type=Path, required=True, help="the method's recipe")
     experiment.add_argument("--out", type=Path, required=True, help="the run directory to create")
-    experiment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    _add_overrides(experiment)
 
     report = _add_command(subparsers, "report", "write report.html for a finished run directory",
                           ["medistill report runs/cls"], cmd_report, common)
