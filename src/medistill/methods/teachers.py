@@ -218,9 +218,8 @@ def train_teacher(config: TeacherConfig, splits: dict[str, list[Record]], names:
         rows = {split: table_rows(records, config.columns, config.exclude) for split, records in splits.items()}
         if not any(rows["train"]):
             raise UsageError("the training records carry no table: a tabular teacher needs a table row per sample")
-        for column, label in enumerate(names):
+        for column in range(len(names)):
             warn_on_leaky_columns(rows["train"], labels["train"][:, column].tolist())
-            log.debug("leakage check done for label %s", label)
         if config.model == "hgb":
             return _train_hgb_teacher(rows, labels, names, train.seed)
         if config.model != "mlp":
