@@ -62,7 +62,9 @@ class Regression:
 
 def make_trainer(tmp_path, task, *, name="run", epochs=4, batch_size=8, accumulate=1, **train_kw) -> Trainer:
     run = RunDir(prepare_output_dir(tmp_path / name, resume=True))
-    train = TrainConfig(epochs=epochs, batch_size=batch_size, precision="fp32", progress=False, log_every=1, **train_kw)
+    # CPU and fp32 so that the bit-for-bit resume check holds on any machine, GPUs included
+    train = TrainConfig(epochs=epochs, batch_size=batch_size, precision="fp32", device="cpu", progress=False,
+                        log_every=1, **train_kw)
     optim = OptimConfig(lr=0.05, warmup_steps=2, accumulate=accumulate, clip_grad_norm=None)
     trainer = Trainer(task, Points(), train, optim, run)
     task.trainer = trainer
