@@ -51,6 +51,7 @@ class TeacherConfig:
     model: str = "mlp"  # tabular: mlp | hgb
     columns: list[str] = field(default_factory=list)  # tabular: columns the teacher sees (empty: all but `exclude`)
     exclude: list[str] = field(default_factory=lambda: list(IDENTIFIER_AND_TARGET_COLUMNS))
+    leak_threshold: float = 0.9  # warn when one table column alone separates a label with this AUROC
     hidden: int = 128
     epochs: int = 30
     batch_size: int = 64
@@ -219,7 +220,7 @@ def train_teacher(config: TeacherConfig, splits: dict[str, list[Record]], names:
         if not any(rows["train"]):
             raise UsageError("the training records carry no table: a tabular teacher needs a table row per sample")
         for column in range(len(names)):
-            warn_on_leaky_columns(rows["train"], labels["train"][:, column].tolist())
+            warn_on_leaky_columns(rows["train"], labels["train"][:, column].tolist(), config.leak_threshold)
         if config.model == "hgb":
             return _train_hgb_teacher(rows, labels, names, train.seed)
         if config.model != "mlp":

@@ -146,7 +146,7 @@ def single_column_auroc(rows: Sequence[Row], labels: Sequence[float]) -> dict[st
     return scores
 
 
-def warn_on_leaky_columns(rows: Sequence[Row], labels: Sequence[float], threshold: float = 0.95) -> list[str]:
+def warn_on_leaky_columns(rows: Sequence[Row], labels: Sequence[float], threshold: float = 0.9) -> list[str]:
     """Log a warning for each column that alone nearly determines the label; return their names."""
     leaky = [name for name, auroc in single_column_auroc(rows, labels).items() if auroc >= threshold]
     for name in leaky:
