@@ -14,7 +14,8 @@ from medistill.data.formats import open_dataset
 from medistill.data.imaging import load_image
 from medistill.engine.logging import write_json
 from medistill.engine.rundir import RunDir, prepare_output_dir
-from medistill.explain.overlay import PALETTE, load_mask, outline, png_bytes, to_rgb
+from medistill.data.regions import load_mask
+from medistill.explain.overlay import PALETTE, outline, png_bytes, to_rgb
 from medistill.errors import UsageError
 from medistill.report.html import HtmlReport
 

@@ -26,6 +26,12 @@ def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
     return (images_uint8.float() / 255.0 - IMAGE_MEAN) / IMAGE_STD
 
 
+def patient_hash(record: Record) -> int:
+    """A stable hash of the record's patient (or study, or image) id, for splits that never split a patient."""
+    key = record.patient_id or record.study_id or record.image or record.uid
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+
+
 def patient_holdout(records: Sequence[Record], fraction: float = 0.15) -> tuple[list[Record], list[Record]]:
     """Split records into (kept, held out) by a hash of the patient (or study, or image) id.
 
@@ -33,8 +39,7 @@ def patient_holdout(records: Sequence[Record], fraction: float = 0.15) -> tuple[
     """
 
     def held_out(record: Record) -> bool:
-        key = record.patient_id or record.study_id or record.image or record.uid
-        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+        return patient_hash(record) / 0xFFFFFFFF < fraction
 
     return [r for r in records if not held_out(r)], [r for r in records if held_out(r)]
 

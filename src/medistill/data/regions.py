@@ -19,11 +19,16 @@ def original_size(record: Record) -> tuple[int, int]:
         return image.size
 
 
+def load_mask(path: str, size: tuple[int, int]) -> np.ndarray:
+    """A region mask file as a boolean array resized to (height, width) with nearest-neighbour sampling."""
+    image = Image.fromarray((load_image(path) > 0.5).astype(np.uint8) * 255)
+    return np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)) > 127
+
+
 def region_mask(record: Record, region: Region, size: int) -> np.ndarray:
     """The region as a (size, size) boolean mask of the image resized to size x size."""
     if region.mask:
-        mask = load_image(region.mask) > 0.5
-        return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
+        return load_mask(region.mask, (size, size))
     width, height = original_size(record)
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     xs, ys = xs * width / size, ys * height / size

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from medistill.config import OptimConfig, TrainConfig
-from medistill.engine.checkpoint import load_train_state, save_checkpoint, save_train_state, save_weights
+from medistill.engine.checkpoint import (load_train_state, read_checkpoint, save_checkpoint, save_train_state,
+                                         save_weights)
 from medistill.engine.rundir import RunDir
 from medistill.errors import MedistillError, UsageError
 
@@ -252,7 +253,7 @@ class Trainer:
     # -- loop --------------------------------------------------------------------------------
 
     def fit(self, *, resume: bool = False) -> Progress:
-        """Train to the end (or early stop) and leave the selected model in `checkpoints/`."""
+        """Train to the end (or early stop), save the selected model in `checkpoints/` and leave it loaded, in eval mode."""
         if resume:
             self.load_state()
         else:
@@ -269,6 +270,9 @@ class Trainer:
             bar.close()
         if self.cfg.early_stopping.metric is None or self.progress.best_step is None:
             save_checkpoint(self.run.checkpoint_dir, self.task.checkpoint_module(), self.task.checkpoint_config())
+        else:  # early stopping selected an earlier step
+            self.task.checkpoint_module().load_state_dict(read_checkpoint(self.run.checkpoint_dir)[0])
+        self.model.eval()
         self.run.log.write("end", step=self.progress.step, seconds=time.perf_counter() - started,
                            best_step=self.progress.best_step, stopped_early=self.progress.stopped_early)
         return self.progress

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from medistill.data.imaging import load_image
 
 PALETTE = ((255, 64, 64), (64, 200, 255), (255, 200, 0), (120, 255, 120), (255, 120, 255), (255, 160, 64))
 
@@ -30,13 +29,6 @@ def outline(rgb: np.ndarray, mask: np.ndarray, color: Sequence[int]) -> np.ndarr
     drawn = rgb.copy()
     drawn[mask_edge(mask)] = color
     return drawn
-
-
-def load_mask(path: str, size: tuple[int, int]) -> np.ndarray:
-    """A region mask file as a boolean array resized to (height, width) with nearest-neighbour sampling."""
-    array = load_image(path)
-    image = Image.fromarray((array > 0.5).astype(np.uint8) * 255)
-    return np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)) > 127
 
 
 def png_bytes(rgb: np.ndarray, scale: int = 1) -> bytes:

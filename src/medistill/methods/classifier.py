@@ -12,7 +12,6 @@ from medistill.config import ClassifierConfig, DataConfig
 from medistill.data.datasets import ImageLabelDataset, normalise, preprocessing, split_for_validation
 from medistill.data.formats import open_dataset
 from medistill.data.records import Record
-from medistill.engine.checkpoint import read_checkpoint
 from medistill.engine.rundir import RunDir
 from medistill.engine.trainer import Trainer, iterate_eval
 from medistill.errors import UsageError
@@ -105,9 +104,6 @@ def run_classifier(config: ClassifierConfig, run: RunDir, resume: bool) -> dict[
     task = ClassifierTask(model, datasets, config)
     trainer = Trainer(task, datasets["train"], config.train, config.optim, run)
     progress = trainer.fit(resume=resume)
-    weights, _ = read_checkpoint(run.checkpoint_dir)
-    model.load_state_dict(weights)
-    model.eval()
     with torch.no_grad():
         test = task.evaluate("test") if len(datasets["test"]) else {}
     metrics = {

@@ -8,7 +8,6 @@ level. See docs/methods.md.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,9 +20,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medistill.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, register_recipe
-from medistill.data.datasets import ImageLabelDataset, normalise, patient_holdout, preprocessing, split_for_validation
+from medistill.data.datasets import (ImageLabelDataset, normalise, patient_hash, patient_holdout, preprocessing,
+                                     split_for_validation)
 from medistill.data.records import Record
-from medistill.engine.checkpoint import read_checkpoint
 from medistill.engine.logging import write_json
 from medistill.engine.rundir import RunDir, prepare_output_dir
 from medistill.engine.trainer import Trainer, resolve_device
@@ -117,8 +116,7 @@ def validate(config: MMPKDConfig) -> None:
 
 
 def _fold_of(record: Record, folds: int) -> int:
-    key = record.patient_id or record.study_id or record.image or record.uid
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % folds
+    return patient_hash(record) % folds
 
 
 def make_splits(records: list[Record], folds: int) -> list[dict[str, list[int]]]:
@@ -245,8 +243,6 @@ def train_student(config: MMPKDConfig, datasets: dict[str, ImageLabelDataset], d
     run = RunDir(prepare_output_dir(run_dir, resume=True))
     trainer = Trainer(task, task.train_dataset(resolve_device(train.device)), train, config.optim, run)
     trainer.fit(resume=run.train_state.exists())
-    vit.load_state_dict(read_checkpoint(run.checkpoint_dir)[0])
-    vit.eval()
     metrics = task.evaluate("test")
     metrics.update(evaluate_localization(vit, datasets["test"], config.explain.maps, config.explain.top_fraction))
     return vit, metrics

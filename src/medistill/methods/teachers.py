@@ -199,12 +199,7 @@ def _fit(model: nn.Module, inputs: list[str], tensors: dict[str, dict[str, torch
                                progress=train.progress, early_stopping=train.early_stopping)
     optim = OptimConfig(lr=lr, warmup_steps=10, weight_decay=0.01)
     trainer = Trainer(task, splits["train"], train_config, optim, RunDir(prepare_output_dir(run_dir, resume=True)))
-    progress = trainer.fit(resume=trainer.run.train_state.exists())
-    if train.early_stopping.metric and progress.best_step is not None:
-        from medistill.engine.checkpoint import read_checkpoint
-
-        model.load_state_dict(read_checkpoint(trainer.run.checkpoint_dir)[0])
-    model.eval()
+    trainer.fit(resume=trainer.run.train_state.exists())
     return task
 
 

@@ -13,7 +13,8 @@ from medistill.data.datasets import ImageLabelDataset
 from medistill.engine.checkpoint import read_checkpoint
 from medistill.engine.logging import JsonlLog
 from medistill.errors import UsageError
-from medistill.explain.overlay import PALETTE, load_mask, outline, png_bytes, to_rgb
+from medistill.data.regions import load_mask
+from medistill.explain.overlay import PALETTE, outline, png_bytes, to_rgb
 from medistill.report.html import HtmlReport
 from medistill.report.plots import training_curves
 

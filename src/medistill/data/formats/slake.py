@@ -19,7 +19,6 @@ from medistill.data.formats.parsing import (
     as_object,
     inside,
     make_box,
-    read_json,
     read_json_list,
     text_field,
     to_float,
