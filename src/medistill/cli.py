@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPERIMENTS = ("mmpkd",)
+EXPERIMENTS = ("mmpkd", "amif")
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -225,7 +225,9 @@ def _add_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
     experiment = _add_command(
         subparsers, "experiment", "run a method's whole experiment (e.g. teacher, student, distilled student over seeds)",
         ["medistill experiment mmpkd --config configs/mmpkd/phantom-cxr-report.yaml --out runs/mmpkd-cxr",
-         "medistill experiment mmpkd --config configs/mmpkd/mini-mias.yaml --out runs/mias --set seeds=[0]"],
+         "medistill experiment mmpkd --config configs/mmpkd/mini-mias.yaml --out runs/mias --set seeds=[0]",
+         "medistill experiment amif --config configs/amif/vqa-rad.yaml --out runs/amif-vqa-rad",
+         "medistill experiment amif --config configs/amif/phantom.yaml --out runs/amif-ph --set variants=[full,no_gca]"],
         cmd_experiment, common)
     experiment.add_argument("name", choices=EXPERIMENTS, help="the method")
     experiment.add_argument("--config", type=Path, required=True, help="the method's recipe")

@@ -153,11 +153,15 @@ def _as_python_state(state: Any) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled batches of one epoch, a pure function of (seed, epoch) so a resumed run sees the same."""
+def epoch_batches(size: int, batch_size: int, seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
+    """The shuffled batches of one epoch, a pure function of (seed, epoch) so a resumed run sees the same.
+
+    `drop_last` drops an incomplete final batch (contrastive losses need whole batches), unless it is the only one.
+    """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(size, generator=generator).tolist()
-    return [order[i:i + batch_size] for i in range(0, size, batch_size)]
+    batches = [order[i:i + batch_size] for i in range(0, size, batch_size)]
+    return batches[:-1] if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size else batches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +192,7 @@ class Trainer:
         run: RunDir,
         *,
         collate: Callable[[list[Any]], Batch] | None = None,
+        drop_last: bool = False,
     ) -> None:
         if len(train_data) == 0:  # type: ignore[arg-type]
             raise UsageError("the training split is empty: check the data root, format and filters")
@@ -199,6 +204,7 @@ class Trainer:
         self.optim_cfg = optim
         self.run = run
         self.collate = collate
+        self.drop_last = drop_last
         self.device = resolve_device(train.device)
         self.dtype = resolve_precision(train.precision, self.device)
         self.model = task.model.to(self.device)
@@ -206,7 +212,7 @@ class Trainer:
             [p for p in self.model.parameters() if p.requires_grad],
             lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
         )
-        self.batches_per_epoch = math.ceil(len(train_data) / train.batch_size)  # type: ignore[arg-type]
+        self.batches_per_epoch = len(epoch_batches(len(train_data), train.batch_size, 0, 0, drop_last))  # type: ignore[arg-type]
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / optim.accumulate)
         self.total_steps = self.steps_per_epoch * train.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -286,7 +292,8 @@ class Trainer:
 
     def _run_epoch(self, bar: tqdm) -> None:
         p = self.progress
-        batches = epoch_batches(len(self.data), self.cfg.batch_size, self.cfg.seed, p.epoch)  # type: ignore[arg-type]
+        batches = epoch_batches(len(self.data), self.cfg.batch_size, self.cfg.seed, p.epoch,  # type: ignore[arg-type]
+                                self.drop_last)
         self.model.train()
         pending = 0
         sums: dict[str, float] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,18 +38,40 @@ def resolve_text_encoder(name_or_path: str) -> Path:
     return path
 
 
-class TextEncoder(nn.Module):
-    """A transformer text encoder with masked mean pooling. `forward` returns embedding and tokens."""
+@dataclass(frozen=True)
+class ScratchTextSpec:
+    """A small BERT trained from scratch; it borrows the tokenizer of `tokenizer` (a name or local directory)."""
 
-    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, *, max_length: int = 128) -> None:
+    tokenizer: str = DEFAULT_TEXT_ENCODER
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    max_positions: int = 512
+
+
+class TextEncoder(nn.Module):
+    """A transformer text encoder with masked mean pooling. `forward` returns embedding and tokens.
+
+    Pretrained from `name_or_path` ('minilm-l6' or a local BERT-family directory), or, with `scratch`, a
+    randomly initialised small BERT that uses the tokenizer named in the spec.
+    """
+
+    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, *, max_length: int = 128,
+                 scratch: ScratchTextSpec | None = None) -> None:
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
-        path = resolve_text_encoder(name_or_path)
-        self.source = str(name_or_path)
+        path = resolve_text_encoder(scratch.tokenizer if scratch else name_or_path)
+        self.source = "scratch" if scratch else str(name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.backbone = AutoModel.from_pretrained(str(path), local_files_only=True)
+        if scratch:
+            self.backbone = BertModel(BertConfig(
+                vocab_size=len(self.tokenizer), hidden_size=scratch.width, num_hidden_layers=scratch.depth,
+                num_attention_heads=scratch.heads, intermediate_size=4 * scratch.width,
+                max_position_embeddings=scratch.max_positions), add_pooling_layer=False)
+        else:
+            self.backbone = AutoModel.from_pretrained(str(path), local_files_only=True)
         self.max_length = max_length
         self.width = int(self.backbone.config.hidden_size)
         self._warned_truncation = False
@@ -62,6 +85,11 @@ class TextEncoder(nn.Module):
             log.warning("some texts are longer than %d tokens and were truncated", self.max_length)
             self._warned_truncation = True
         return batch
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        """The token embedding table (AMiF embeds the answer vocabulary with it)."""
+        return self.backbone.get_input_embeddings()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

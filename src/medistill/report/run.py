@@ -77,6 +77,10 @@ def write_run_report(run_dir: str | Path) -> Path:
         from medistill.report.mmpkd import write_mmpkd_report
 
         return write_mmpkd_report(run_dir)
+    if config.method == "amif":
+        from medistill.report.amif import write_amif_report
+
+        return write_amif_report(run_dir)
     report = HtmlReport(f"medistill run: {run_dir.name}")
     if isinstance(config, ClassifierConfig):
         classifier_section(report, run_dir, config)

@@ -1,6 +1,7 @@
 """One module per public dataset format; importing this package registers them all."""
 
 from medistill.data.formats import phantom  # noqa: F401
+from medistill.data.formats import captions  # noqa: F401
 from medistill.data.formats import cbis_ddsm  # noqa: F401
 from medistill.data.formats import med_grit  # noqa: F401
 from medistill.data.formats import mimic_cxr  # noqa: F401
