@@ -40,6 +40,8 @@ class ModelConfig:
     name: str = "vit-tiny"
     patch_size: int = 8
     stem: str = "patch"  # patch (plain ViT) | conv (early convolutions; better on small data sets)
+    stem_width: int = 0  # conv stem: channels of its first stage (0: max(16, width // 8))
+    stem_convs: int = 1  # conv stem: 3x3 convolutions per stage (the first strided)
     dropout: float = 0.0
 
 

@@ -56,33 +56,65 @@ examples: 4
     return load_config(recipe, list(extra))
 
 
-def test_no_test_question_or_answer_reaches_training(tmp_path, marked_vqa, tiny_phantom, monkeypatch):
+@pytest.fixture(scope="module")
+def leak_run(tmp_path_factory, marked_vqa, tiny_phantom):
+    """The full variant trained once on the marked set, with every training batch's texts recorded."""
+    tmp_path = tmp_path_factory.mktemp("leak")
     config = tiny_recipe(tmp_path, marked_vqa, tiny_phantom, "variants=[full]")
-    seen: list[dict] = []
-    for task in (amif.PretrainTask, amif.VQATask):
-        original = task.loss_terms
+    seen: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        for task in (amif.PretrainTask, amif.VQATask):
+            def spy(self, batch, original=task.loss_terms):
+                rows = batch["text_row"].tolist() + [i for i in batch.get("second_row", torch.tensor([])).tolist() if i >= 0]
+                seen.extend(self.stores.texts.texts[i] for i in rows)
+                return original(self, batch)
 
-        def spy(self, batch, original=original):
-            seen.append({"texts": [self.stores.texts.texts[i] for i in batch["text_row"].tolist()],
-                         "seconds": [self.stores.texts.texts[i] for i in batch["second_row"].tolist() if i >= 0]
-                         if "second_row" in batch else []})
-            return original(self, batch)
+            patch.setattr(task, "loss_terms", spy)
+        run = RunDir(prepare_output_dir(tmp_path / "run"))
+        metrics = amif.run_amif(config, run, False)
+    return run.path, seen, metrics, config
 
-        monkeypatch.setattr(task, "loss_terms", spy)
-    run = RunDir(prepare_output_dir(tmp_path / "run"))
-    metrics = amif.run_amif(config, run, False)
 
+def test_no_test_question_or_answer_reaches_training(leak_run):
+    path, seen, metrics, _ = leak_run
     assert seen, "no training batch was observed"
-    texts = [t for batch in seen for t in batch["texts"] + batch["seconds"]]
-    assert not [t for t in texts if "leakcheck" in t or "leakanswer" in t]
-    vocabulary = json.loads((run.path / "answers.json").read_text())["answers"]
+    assert not [t for t in seen if "leakcheck" in t or "leakanswer" in t]
+    vocabulary = json.loads((path / "answers.json").read_text())["answers"]
     assert vocabulary and not [a for a in vocabulary if "leakanswer" in a]
-    checkpoint = json.loads((run.path / "seed0" / "full" / "checkpoints" / "config.json").read_text())
+    checkpoint = json.loads((path / "seed0" / "full" / "checkpoints" / "config.json").read_text())
     assert not [a for a in checkpoint["answers"] if "leakanswer" in a]
     # every test answer is unknown, so the model cannot be right, and the report says so
     assert metrics["out_of_vocabulary"]["overall"]["share"] == 1.0
     assert metrics["variants"]["full"]["summary"]["overall"]["mean"] == 0.0
-    assert (run.path / "report.html").is_file()
+    assert (path / "report.html").is_file()
+
+
+def test_eval_reads_the_checkpoint_alone_and_refuses_a_foreign_vocabulary(leak_run, tmp_path):
+    from medistill.errors import ConfigError
+    from medistill.models.vqa.vocab import AnswerVocabulary
+
+    path, _, metrics, config = leak_run
+    checkpoint = path / "seed0" / "full" / "checkpoints"
+    result = amif.evaluate_vqa_checkpoint(checkpoint, config, "test")
+    assert result["overall"]["n"] == metrics["questions"]["test"]
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, copy)
+    AnswerVocabulary(["yes", "no", "maybe"], [3, 2, 1]).save(copy / "answers.json")
+    with pytest.raises(ConfigError, match="does not match"):
+        amif.load_vqa_checkpoint(copy)
+
+
+def test_an_image_that_fails_to_decode_is_named(tmp_path, marked_vqa, tiny_phantom):
+    from medistill.errors import DataError
+
+    broken = tmp_path / "vqa-rad"
+    shutil.copytree(marked_vqa, broken)
+    victim = sorted((broken / "VQA_RAD Image Folder").iterdir())[0]
+    victim.write_bytes(b"not an image")
+    config = tiny_recipe(tmp_path, broken, tiny_phantom, "variants=[full]", "pretrain.pairs=[]")
+    with pytest.raises(DataError) as error:
+        amif.run_amif(config, RunDir(prepare_output_dir(tmp_path / "run")), False)
+    assert victim.name in str(error.value) or victim.name in str(getattr(error.value, "file", ""))
 
 
 @pytest.mark.slow

@@ -116,3 +116,13 @@ def test_decoder_loss_trains_to_the_right_answer():
     memory, memory_mask = memory_of(model, images, ids, mask)
     top, _ = model.rank_answers(memory, memory_mask, 5)
     assert top[:, 0].tolist() == targets.tolist()
+
+
+def test_a_long_question_is_truncated_with_one_warning(caplog):
+    encoder = TextEncoder(max_length=8, scratch=ScratchTextSpec(width=32, depth=1, heads=2))
+    long = "is there " + "a very large mass " * 10
+    with caplog.at_level("WARNING"):
+        first = encoder.tokenize([long])
+        encoder.tokenize([long, long])
+    assert first["input_ids"].shape[1] == 8
+    assert sum("truncated" in r.message for r in caplog.records) == 1

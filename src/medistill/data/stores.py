@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -61,7 +62,8 @@ class TextStore:
         device = next(encoder.parameters()).device
         chunks = []
         starts = range(0, len(self.texts), batch_size)
-        for start in tqdm(starts, desc="encode texts", unit="batch", disable=not progress, leave=False):
+        for start in tqdm(starts, desc="encode texts", unit="batch", disable=not (progress and sys.stderr.isatty()),
+                          leave=False):
             ids, mask = self.ids[start:start + batch_size], self.mask[start:start + batch_size]
             length = int(mask.sum(1).max())
             out = encoder(ids[:, :length].to(device), mask[:, :length].to(device))["tokens"]

@@ -6,10 +6,18 @@ import torch
 import torch.nn.functional as F
 
 
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy over known (non-NaN) targets only."""
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, focal_gamma: float = 0.0) -> torch.Tensor:
+    """Binary cross-entropy over known (non-NaN) targets only.
+
+    `focal_gamma > 0` gives the focal loss (Lin et al., 2017): each term weighted by `(1 - p_t) ** gamma`,
+    `p_t` the predicted probability of the target, so that well-classified labels count less.
+    """
     known = ~torch.isnan(targets)
-    losses = F.binary_cross_entropy_with_logits(logits.float(), torch.nan_to_num(targets), reduction="none")
+    logits, targets = logits.float(), torch.nan_to_num(targets)
+    losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if focal_gamma > 0:
+        p = torch.sigmoid(logits)
+        losses = losses * (1 - (p * targets + (1 - p) * (1 - targets))) ** focal_gamma
     return (losses * known).sum() / known.sum().clamp(min=1)
 
 

@@ -51,6 +51,8 @@ from medistill.models.vqa.vocab import AnswerVocabulary
 
 log = logging.getLogger(__name__)
 
+ANSWERS_FILE = "answers.json"  # the answer vocabulary, beside a VQA checkpoint's config.json
+
 # Each variant is the full recipe with these overrides (the report prints them).
 VARIANTS: dict[str, list[str]] = {
     "full": [],
@@ -705,9 +707,43 @@ def finetune(config: AMiFConfig, stores: Stores, splits: dict[str, list[Record]]
     trainer = Trainer(task, datasets["train"], train, config.optim, run,
                       collate=lambda items: gather_batch(stores, items))
     trainer.fit(resume=run.train_state.exists())
+    vocabulary.save(run.checkpoint_dir / ANSWERS_FILE)
     top, scores = task.rank("test")
     predictions = [vocabulary.answers[i] for i in top[:, 0].tolist()]
     return task, {"accuracy": vqa_accuracy(predictions, splits["test"]), "top": top, "scores": scores}
+
+
+def load_vqa_checkpoint(directory: str | Path) -> tuple[AMiFModel, AnswerVocabulary, dict[str, Any]]:
+    """A fine-tuned AMiF model with its answer vocabulary, checked against the checkpoint's fingerprint."""
+    from medistill.models.vqa.amif import amif_from_architecture
+
+    directory = Path(directory)
+    weights, saved = read_checkpoint(directory)
+    if saved.get("kind") != "vqa":
+        raise UsageError(f"{directory} holds a {saved.get('kind')!r} checkpoint, not a VQA model")
+    answers_file = directory / ANSWERS_FILE
+    if not answers_file.is_file():
+        raise UsageError(f"{directory} has no {ANSWERS_FILE}: copy the whole checkpoint directory")
+    vocabulary = AnswerVocabulary.load(answers_file)
+    vocabulary.check_matches(saved["answers_fingerprint"])
+    model = amif_from_architecture(saved["architecture"])
+    model.load_state_dict(weights)
+    return model.eval(), vocabulary, saved
+
+
+def evaluate_vqa_checkpoint(directory: str | Path, config: AMiFConfig, split: str) -> dict[str, Any]:
+    """`medistill eval` for a VQA checkpoint: the accuracy tables on a split of the recipe's data."""
+    model, vocabulary, saved = load_vqa_checkpoint(directory)
+    config.data.image_size = saved["preprocessing"]["image_size"]
+    records = vqa_splits(config)[split]
+    if not records:
+        raise UsageError(f"the {split} split of {config.data.root} has no questions")
+    stores = Stores(ImageStore([r.image for r in records], config.data.image_size),  # type: ignore[misc]
+                    TextStore([r.question for r in records], model.text_encoder, encode=False))  # type: ignore[misc]
+    task = VQATask(model, {split: QuestionDataset(records, stores, vocabulary)}, stores, vocabulary, config)
+    top, _ = task.rank(split)
+    return {"split": split, "questions": len(records),
+            **vqa_accuracy([vocabulary.answers[i] for i in top[:, 0].tolist()], records)}
 
 
 def build_stores(config: AMiFConfig, splits: dict[str, list[Record]], pairs: list[tuple[str, str, str | None]],

@@ -100,7 +100,8 @@ def run_classifier(config: ClassifierConfig, run: RunDir, resume: bool) -> dict[
     datasets = build_datasets(config)
     names = datasets["train"].label_names
     model = create_model(config.model.name, image_size=config.data.image_size, patch_size=config.model.patch_size,
-                         num_classes=len(names), dropout=config.model.dropout, stem=config.model.stem)
+                         num_classes=len(names), dropout=config.model.dropout, stem=config.model.stem,
+                         stem_width=config.model.stem_width, stem_convs=config.model.stem_convs)
     task = ClassifierTask(model, datasets, config)
     trainer = Trainer(task, datasets["train"], config.train, config.optim, run)
     progress = trainer.fit(resume=resume)

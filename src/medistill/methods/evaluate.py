@@ -17,8 +17,14 @@ def evaluate_checkpoint(checkpoint: Path, recipe: Path, overrides: list[str], *,
 
     weights, saved = read_checkpoint(checkpoint)
     config = load_config(recipe, overrides)
+    if saved.get("kind") == "vqa":
+        from medistill.methods.amif import AMiFConfig, evaluate_vqa_checkpoint
+
+        if not isinstance(config, AMiFConfig):
+            raise UsageError(f"{checkpoint} is a VQA checkpoint: pass its amif recipe (e.g. the run's config.yaml)")
+        return evaluate_vqa_checkpoint(checkpoint, config, split)
     if saved.get("kind") != "classifier" or not isinstance(config, ClassifierConfig):
-        raise UsageError(f"eval handles classifier checkpoints in this version; {checkpoint} is {saved.get('kind')!r}")
+        raise UsageError(f"eval handles classifier and VQA checkpoints; {checkpoint} is {saved.get('kind')!r}")
     config.data.image_size = saved["preprocessing"]["image_size"]
     config.data.labels = list(saved["labels"])
     dataset = build_datasets(config)[split]

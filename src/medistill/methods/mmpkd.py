@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medistill.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, register_recipe
+from medistill.data.augment import AugmentConfig, augment_images
 from medistill.data.datasets import (ImageLabelDataset, normalise, patient_hash, patient_holdout, preprocessing,
                                      split_for_validation)
 from medistill.data.records import Record
@@ -47,9 +48,14 @@ MODELS = ("teacher", "student", "student_kd")
 
 @dataclass
 class StudentConfig(ModelConfig):
-    """The image-only ViT; `pretrained` is a local Hugging Face ViT or CLIP-vision directory."""
+    """The image-only ViT; `pretrained` is a local Hugging Face ViT or CLIP-vision directory.
+
+    `augment` and `focal_gamma` (the task loss is focal BCE when > 0) apply to both students alike.
+    """
 
     pretrained: str | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    focal_gamma: float = 0.0
 
 
 @dataclass
@@ -107,6 +113,8 @@ def validate(config: MMPKDConfig) -> None:
         raise UsageError("seeds is empty: give at least one seed")
     if config.student.pretrained and config.student.stem != "patch":
         raise UsageError("student.pretrained checkpoints have a patch stem: drop student.stem=conv")
+    if config.student.focal_gamma < 0:
+        raise UsageError(f"student.focal_gamma must be >= 0, not {config.student.focal_gamma}")
     if config.folds == 1 or config.folds < 0:
         raise UsageError("folds must be 0 (use the dataset's split) or at least 2")
 
@@ -197,9 +205,11 @@ class StudentTask:
         return {k.split("/", 1)[1]: v for k, v in batch.items() if k.startswith("teacher/")}
 
     def loss_terms(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out = self.vit(normalise(batch["image"]).unsqueeze(1))
+        s = self.config.student
+        images = normalise(batch["image"]).unsqueeze(1)
+        out = self.vit(augment_images(images, s.augment) if self.vit.training else images)
         d = self.distill
-        terms = {"task": (1 - d.alpha) * masked_bce(out["logits"], batch["labels"])}
+        terms = {"task": (1 - d.alpha) * masked_bce(out["logits"], batch["labels"], s.focal_gamma)}
         if not self.uses_teacher():
             return terms
         teacher = self._teacher_outputs(batch)
@@ -231,7 +241,8 @@ def build_student(config: MMPKDConfig, num_classes: int, seed: int) -> VisionTra
         return load_pretrained_vit(s.pretrained, num_classes=num_classes, image_size=config.data.image_size,
                                    dropout=s.dropout)
     return create_model(s.name, image_size=config.data.image_size, patch_size=s.patch_size,
-                        num_classes=num_classes, dropout=s.dropout, stem=s.stem)  # type: ignore[return-value]
+                        num_classes=num_classes, dropout=s.dropout, stem=s.stem, stem_width=s.stem_width,
+                        stem_convs=s.stem_convs)  # type: ignore[return-value]
 
 
 def train_student(config: MMPKDConfig, datasets: dict[str, ImageLabelDataset], distill: DistillConfig,

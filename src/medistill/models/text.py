@@ -61,6 +61,9 @@ class TextEncoder(nn.Module):
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress and logs only
 
         path = resolve_text_encoder(scratch.tokenizer if scratch else name_or_path)
         self.source = "scratch" if scratch else str(name_or_path)

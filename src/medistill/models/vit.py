@@ -34,6 +34,8 @@ class ViTSpec:
     norm_eps: float = 1e-6
     pre_norm: bool = False  # a LayerNorm after the embeddings (CLIP's pre_layrnorm)
     stem: str = "patch"  # patch: one strided convolution (ViT); conv: stacked 3x3 convolutions (Xiao et al. 2021)
+    stem_width: int = 0  # conv stem: channels of its first stage, doubling per stage up to `width`; 0: max(16, width // 8)
+    stem_convs: int = 1  # conv stem: 3x3 convolutions per stage, the first with stride 2, the others stride 1
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -44,6 +46,8 @@ class ViTSpec:
             raise ConfigError(f"stem must be patch or conv, not {self.stem!r}")
         if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
             raise ConfigError(f"a conv stem needs a power-of-two patch size, not {self.patch_size}")
+        if self.stem_width < 0 or self.stem_convs < 1:
+            raise ConfigError(f"stem_width must be >= 0 and stem_convs >= 1, not {self.stem_width} and {self.stem_convs}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
 
@@ -102,15 +106,21 @@ class Block(nn.Module):
 def conv_stem(spec: ViTSpec) -> nn.Sequential:
     """Stride-2 3x3 convolutions down to the patch grid, then a 1x1 projection to the token width.
 
+    Each stage (one per halving) holds `stem_convs` 3x3 convolutions with batch norm and ReLU, the first
+    strided; `stem_width` sets the first stage's channels.
+
     Early convolutions give a ViT the locality prior that small data sets cannot teach it
     ("Early Convolutions Help Transformers See Better", Xiao et al., 2021); the tokens, the CLS token
     and the attention maps stay exactly those of a ViT.
     """
     layers: list[nn.Module] = []
-    channels, width = spec.in_chans, max(16, spec.width // 8)
+    channels, width = spec.in_chans, spec.stem_width or max(16, spec.width // 8)
     for _ in range(spec.patch_size.bit_length() - 1):
-        layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-        channels, width = width, min(width * 2, spec.width)
+        for k in range(spec.stem_convs):
+            layers += [nn.Conv2d(channels, width, 3, stride=1 if k else 2, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        width = min(width * 2, spec.width)
     layers.append(nn.Conv2d(channels, spec.width, 1))
     return nn.Sequential(*layers)
 
