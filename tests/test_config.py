@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -63,3 +65,12 @@ def test_dump_round_trip(tmp_path):
     again = load_config(tmp_path / "resolved.yaml")
     assert to_dict(again) == to_dict(config)
     assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["train"]["early_stopping"]["metric"] == "auroc"
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_recipe_loads(recipe):
+    from medistill.config import load_config
+
+    config = load_config(recipe, [])
+    assert config.method in recipe.parent.name or recipe.parent.name == "demo"

@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPERIMENTS = ("mmpkd", "amif")
+EXPERIMENTS = ("mmpkd", "amif", "clinkd")
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -174,6 +174,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if config.method != args.name:
         raise UsageError(f"{args.config} is a {config.method!r} recipe, not {args.name!r}: "
                          f"pass one of configs/{args.name}/*.yaml")
+    if getattr(config, "stage", "experiment") != "experiment":
+        raise UsageError(f"the recipe sets stage={config.stage}: run a single stage with 'medistill train', or "
+                         "drop the stage setting to run the whole experiment")
     _run_method(config, args.out, False)
     print(f"experiment finished: {args.out}")
     print(f"  metrics: {args.out / 'metrics.json'}")
@@ -206,6 +209,7 @@ def _add_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
     train = _add_command(
         subparsers, "train", "train any recipe into a run directory, or resume one",
         ["medistill train --config configs/demo/classifier.yaml --out runs/cls --set train.epochs=3",
+         "medistill train --config configs/clinkd/phantom.yaml --set stage=sft --out runs/clinkd-sft",
          "medistill train --resume runs/cls"], cmd_train, common)
     train.add_argument("--config", type=Path, help="a YAML recipe under configs/")
     train.add_argument("--out", type=Path, help="the run directory to create")
@@ -227,7 +231,8 @@ def _add_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
         ["medistill experiment mmpkd --config configs/mmpkd/phantom-cxr-report.yaml --out runs/mmpkd-cxr",
          "medistill experiment mmpkd --config configs/mmpkd/mini-mias.yaml --out runs/mias --set seeds=[0]",
          "medistill experiment amif --config configs/amif/vqa-rad.yaml --out runs/amif-vqa-rad",
-         "medistill experiment amif --config configs/amif/phantom.yaml --out runs/amif-ph --set variants=[full,no_gca]"],
+         "medistill experiment amif --config configs/amif/phantom.yaml --out runs/amif-ph --set variants=[full,no_gca]",
+         "medistill experiment clinkd --config configs/clinkd/phantom.yaml --out runs/clinkd-phantom"],
         cmd_experiment, common)
     experiment.add_argument("name", choices=EXPERIMENTS, help="the method")
     experiment.add_argument("--config", type=Path, required=True, help="the method's recipe")

@@ -28,7 +28,15 @@ def _atomic(path: Path) -> Path:
 def save_weights(module: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     path = Path(path)
     tmp = _atomic(path)
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in module.state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().contiguous().cpu()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        # tied weights (e.g. a language model's input and output embeddings) share storage, which
+        # safetensors refuses: each copy is stored under its own name and loads back into both
+        tensors[name] = tensor.clone() if key in seen and tensor.numel() else tensor
+        seen.add(key)
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
 

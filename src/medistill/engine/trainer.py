@@ -290,10 +290,14 @@ class Trainer:
         return DataLoader(self.data, batch_sampler=batches, collate_fn=self.collate, generator=generator,
                           num_workers=0, pin_memory=self.device.type == "cuda")
 
+    def batches_of_epoch(self, epoch: int) -> list[list[int]]:
+        """The batches of one epoch, shuffled by (seed, epoch). A subclass may order them otherwise (e.g. a
+        curriculum), as a pure function of the epoch with the same number of batches, so resuming still works."""
+        return epoch_batches(len(self.data), self.cfg.batch_size, self.cfg.seed, epoch, self.drop_last)  # type: ignore[arg-type]
+
     def _run_epoch(self, bar: tqdm) -> None:
         p = self.progress
-        batches = epoch_batches(len(self.data), self.cfg.batch_size, self.cfg.seed, p.epoch,  # type: ignore[arg-type]
-                                self.drop_last)
+        batches = self.batches_of_epoch(p.epoch)
         self.model.train()
         pending = 0
         sums: dict[str, float] = {}

@@ -36,3 +36,18 @@ def feature_kd(student_features: torch.Tensor, teacher_features: torch.Tensor, k
     if kind == "mse":
         return F.mse_loss(student_features.float(), teacher_features.float())
     raise ValueError(f"feature KD kind must be cosine or mse, not {kind!r}")
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-token forward KL(softmax(teacher/T) || softmax(student/T)) over the vocabulary, no T^2 factor.
+
+    Logits are (tokens, vocabulary); a teacher with a larger vocabulary is cut to the student's first entries
+    (Qwen2-VL-7B's 152064 rows vs 2B's 151936: the extra rows are padding). Returns (tokens,).
+    """
+    vocabulary = student_logits.shape[-1]
+    if teacher_logits.shape[-1] < vocabulary:
+        raise ValueError(f"the teacher's vocabulary ({teacher_logits.shape[-1]}) is smaller than the student's "
+                         f"({vocabulary}): distil from a teacher that shares the student's tokenizer")
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits[..., :vocabulary].float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)

@@ -19,4 +19,4 @@ def register_runner(method: str) -> Callable[[Runner], Runner]:
     return decorate
 
 
-from medistill.methods import amif, classifier, mmpkd  # noqa: E402,F401  (register their runners)
+from medistill.methods import amif, classifier, clinkd, mmpkd  # noqa: E402,F401  (register their runners)

@@ -480,7 +480,7 @@ class PretrainTask:
         image_rows, text_rows = batch["image_row"], batch["text_row"]
         terms = {"image_text": self._contrastive(v, t, "image_text", self._teacher(image_rows, text_rows))}
         if c.multiview_weight > 0:
-            terms["multiview"] = c.multiview_weight * self._multiview(batch)
+            terms["multiview"] = c.multiview_weight * self._multiview(batch, v)
         if c.text_text_weight > 0:
             second, second_mask = m.text_tokens(batch, "second")
             has_second = batch["second_row"] >= 0
@@ -493,16 +493,18 @@ class PretrainTask:
             terms.update(self._fusion_terms(image_tokens, text, mask, v, t))
         return terms
 
-    def _multiview(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Two views of every image of the batch (pairs and unlabelled images): the study's other view when it
-        has one, else a second augmentation."""
+    def _multiview(self, batch: dict[str, Any], first_view: torch.Tensor) -> torch.Tensor:
+        """Two views of every image of the batch (pairs and unlabelled images). A pair's first view is the
+        augmented image the image-text loss already embedded (`first_view`); its second is the study's other
+        view when it has one, else another augmentation."""
         m = self.model
-        first, second, rows = batch["image"], batch["view_image"], batch["image_row"]
+        a, b = first_view, m.image_embedding(m.image_tokens(random_views(batch["view_image"])))
+        rows = batch["image_row"]
         if "extra_image" in batch:
-            first, second = torch.cat([first, batch["extra_image"]]), torch.cat([second, batch["extra_image"]])
+            extra = batch["extra_image"]
+            a = torch.cat([a, m.image_embedding(m.image_tokens(random_views(extra)))])
+            b = torch.cat([b, m.image_embedding(m.image_tokens(random_views(extra)))])
             rows = torch.cat([rows, batch["extra_row"]])
-        a = m.image_embedding(m.image_tokens(random_views(first)))
-        b = m.image_embedding(m.image_tokens(random_views(second)))
         return self._contrastive(a, b, "image_image", self._teacher(rows, rows, "image"))
 
     def _fusion_terms(self, image_tokens: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, v: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,27 @@ from medistill.errors import UsageError
 from medistill.metrics.classification import multilabel_metrics
 
 
+def _is_grounding_checkpoint(checkpoint: Path) -> bool:
+    """A Hugging Face Qwen2-VL / Qwen2.5-VL directory (ClinKD's checkpoints, or a real one)."""
+    try:
+        saved = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and saved.get("model_type") in ("qwen2_vl", "qwen2_5_vl")
+
+
 def evaluate_checkpoint(checkpoint: Path, recipe: Path, overrides: list[str], *, split: str) -> dict[str, Any]:
     from medistill.methods.classifier import build_datasets, predict
     from medistill.models.vit import vit_from_architecture
 
+    if _is_grounding_checkpoint(checkpoint):
+        from medistill.methods.clinkd import ClinKDConfig, evaluate_checkpoint
+
+        config = load_config(recipe, overrides)
+        if not isinstance(config, ClinKDConfig):
+            raise UsageError(f"{checkpoint} is a grounding (Qwen2-VL) checkpoint: pass a clinkd recipe "
+                             "(e.g. configs/clinkd/phantom.yaml or the run's config.yaml)")
+        return evaluate_checkpoint(checkpoint, config, split)
     weights, saved = read_checkpoint(checkpoint)
     config = load_config(recipe, overrides)
     if saved.get("kind") == "vqa":
