@@ -62,7 +62,8 @@ def test_online_distillation_needs_a_neural_teacher(tiny_phantom, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("distill.alpha=1.5", "alpha"), ("distill.mode=sometimes", "offline or online"), ("explain.maps=[gradcam]", "gradcam"),
-    ("folds=1", "folds"), ("seeds=[]", "seeds"),
+    ("folds=1", "folds"), ("seeds=[]", "seeds"), ("student.focal_gamma=-1", "focal_gamma"),
+    ("student.augment.shift=0.6", "augment.shift"),
 ])
 def test_bad_settings_are_refused(tiny_phantom, tmp_path, override, message):
     with pytest.raises(UsageError, match=message):
@@ -92,3 +93,30 @@ def test_plain_student_has_only_the_task_term(tiny_phantom):
     task = StudentTask(build_student(config, 2, 0), {"train": dataset}, DistillConfig(alpha=0.0), config, None)
     terms = task.loss_terms({"image": dataset.images, "labels": dataset.labels})
     assert set(terms) == {"task"} and torch.isfinite(terms["task"])
+
+
+def test_student_augments_and_uses_focal_loss_only_in_training(tiny_phantom):
+    from medistill.data.datasets import ImageLabelDataset
+    from medistill.losses.classification import masked_bce
+    from medistill.methods.classifier import load_records
+    from medistill.methods.mmpkd import StudentTask, build_student
+
+    config = tiny(tiny_phantom, "student.augment.shift=0.1", "student.augment.hflip=true", "student.focal_gamma=2.0")
+    dataset = ImageLabelDataset(load_records(config.data)[:8], ["nodule", "mass"], 32)
+    task = StudentTask(build_student(config, 2, 0), {"train": dataset}, DistillConfig(alpha=0.0), config, None)
+    batch = {"image": dataset.images, "labels": dataset.labels}
+    task.vit.eval()
+    torch.manual_seed(0)
+    first = task.loss_terms(batch)["task"]
+    assert torch.equal(first, task.loss_terms(batch)["task"])  # no augmentation outside training
+    logits = task.vit(normalise_batch(dataset.images))["logits"]
+    assert first.item() == pytest.approx(masked_bce(logits, dataset.labels, 2.0).item(), rel=1e-5)
+    assert first.item() < masked_bce(logits, dataset.labels).item()
+    task.vit.train()
+    assert not torch.equal(task.loss_terms(batch)["task"], task.loss_terms(batch)["task"])
+
+
+def normalise_batch(images: torch.Tensor) -> torch.Tensor:
+    from medistill.data.datasets import normalise
+
+    return normalise(images).unsqueeze(1)
