@@ -268,3 +268,12 @@ def _differentiable_ipot(cost, text_mask, image_mask, beta=0.5, iterations=50):
         b = nu / (q.transpose(1, 2) @ a + (~text_mask)[:, :, None])
         plan = a * q * b.transpose(1, 2)
     return plan.transpose(1, 2)
+
+
+@pytest.mark.parametrize("shape", [(64, 10), (10, 64), (196, 3), (5, 5)])
+def test_ipot_with_a_flat_cost_stays_finite(shape):
+    """A near-constant cost (early training: every token alike) once overflowed the row / column scalings."""
+    for cost in (torch.ones(2, *shape), 1 + 1e-7 * torch.rand(2, *shape)):
+        plan = ipot(cost, beta=0.5, iterations=50)
+        assert torch.isfinite(plan).all()
+        assert torch.allclose(plan.sum((1, 2)), torch.ones(2), atol=1e-5)

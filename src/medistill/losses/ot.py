@@ -21,6 +21,7 @@ from torch import Tensor
 # Entries of a rescaled kernel may span at most this fraction of the dtype's exponent range (log of its
 # smallest normal number) before the solvers rescale: no subnormal numbers, no lost precision.
 _IPOT_BUDGET = 0.25
+_IPOT_MAX_FOLD = 8
 _KERNEL_BUDGET = 0.5
 
 
@@ -101,7 +102,9 @@ def ipot(cost: Tensor, source_mask: Tensor | None = None, target_mask: Tensor | 
     # scalings are folded back into R every `fold` steps, before R's entries could leave the normal range
     # (floored there, far below anything a plan entry can resolve).
     exponent = -math.log(torch.finfo(dtype).tiny)
-    fold = max(1, int(_IPOT_BUDGET * exponent / spread)) if spread > 0 else iterations
+    # The scalings drift apart even with a flat kernel (a near-constant cost, as early in training): by up to
+    # about the row / column count ratio per step, so they are folded at least every _IPOT_MAX_FOLD steps.
+    fold = min(_IPOT_MAX_FOLD, max(1, int(_IPOT_BUDGET * exponent / spread)) if spread > 0 else _IPOT_MAX_FOLD)
     floor = math.exp(-(1.0 - _IPOT_BUDGET) * exponent)
     plan = kernel.clone()
     mu, nu = _uniform(batch.rows, dtype)[:, :, None], _uniform(batch.cols, dtype)[:, None, :]

@@ -307,7 +307,8 @@ def build_model(config: AMiFConfig, vocabulary: AnswerVocabulary | None, seed: i
                                   dropout=image_cfg.dropout)
     else:
         vit = create_model(image_cfg.name, image_size=config.data.image_size, patch_size=image_cfg.patch_size,
-                           num_classes=1, dropout=image_cfg.dropout, stem=image_cfg.stem)
+                           num_classes=1, dropout=image_cfg.dropout, stem=image_cfg.stem,
+                           stem_width=image_cfg.stem_width, stem_convs=image_cfg.stem_convs)
     scratch = config.text.scratch if config.text.encoder == "scratch" else None
     text = TextEncoder(config.text.encoder, max_length=config.text.max_length, scratch=scratch)
     m = config.model
