@@ -34,7 +34,10 @@ def demo_config(name: str, data_root: Path, seed: int, epochs: int | None) -> An
         raise UsageError(f"{path} is missing: run the demo from a source checkout of medistill")
     data = read_yaml(path)
     config = from_dict(schema_for(data), data)
-    config.data.root = str(data_root)
+    config.data.root = str(data_root / config.data.root)  # demo recipes name roots inside the phantom set
+    for source in getattr(getattr(config, "pretrain", None), "pairs", []) + \
+            getattr(getattr(config, "pretrain", None), "images", []):
+        source.root = str(data_root / source.root)
     config.seeds = [seed]
     if epochs is not None:
         config.train.epochs = epochs
@@ -80,8 +83,20 @@ def phantom_section(report: HtmlReport, root: Path) -> None:
         report.code(shown["cxr"].report or "")
 
 
-def run_demo(out: str | Path, *, cases: int, seed: int, epochs: int | None) -> dict[str, Any]:
+def _run_recipe(name: str, out: Path, seed: int, epochs: int | None) -> dict[str, Any]:
+    """Run configs/demo/NAME.yaml into a fresh OUT/NAME and return its metrics."""
     from medistill.methods import RUNNERS
+
+    run_path = out / name
+    shutil.rmtree(run_path, ignore_errors=True)
+    config = demo_config(name, out / "data", seed, epochs)
+    run = RunDir(prepare_output_dir(run_path))
+    run.write_config(config)
+    return RUNNERS[config.method](config, run, False)
+
+
+def run_demo(out: str | Path, *, cases: int, seed: int, epochs: int | None) -> dict[str, Any]:
+    from medistill.report.amif import amif_section
     from medistill.report.mmpkd import mmpkd_section
 
     started = time.perf_counter()
@@ -91,16 +106,17 @@ def run_demo(out: str | Path, *, cases: int, seed: int, epochs: int | None) -> d
     report.heading("The phantom world")
     phantom_section(report, out / "data")
 
-    run_path = out / "mmpkd-cxr"
-    shutil.rmtree(run_path, ignore_errors=True)
-    config = demo_config("mmpkd-cxr", out / "data", seed, epochs)
-    run = RunDir(prepare_output_dir(run_path))
-    run.write_config(config)
     log.info("MMPKD on phantom chest X-rays: report teacher, image-only student, distilled student")
-    mmpkd = RUNNERS["mmpkd"](config, run, False)
+    mmpkd = _run_recipe("mmpkd-cxr", out, seed, epochs)
     report.heading("Privileged-modality distillation (MMPKD), phantom chest X-ray")
     report.text("The student without distillation is the image-only classifier every method is compared with.")
-    mmpkd_section(report, run_path)
+    mmpkd_section(report, out / "mmpkd-cxr")
+
+    log.info("AMiF on phantom VQA: pretraining, then the full model and the question-only baseline")
+    vqa = _run_recipe("amif-phantom", out, seed, epochs)
+    report.heading("Med-VQA with aligned pretraining and gated fusion (AMiF), phantom VQA")
+    report.text("The question-only baseline shows how much the answers can be guessed without the image.")
+    amif_section(report, out / "amif-phantom")
 
     seconds = time.perf_counter() - started
     report.text(f"Demo wall time: {seconds:.0f} s. Re-create with: medistill demo --out {out} --cases {cases} "
@@ -111,6 +127,8 @@ def run_demo(out: str | Path, *, cases: int, seed: int, epochs: int | None) -> d
         "phantom": {"cases_per_modality": phantom["cases_per_modality"], "counts": phantom["counts"]},
         "mmpkd_cxr": {model: {name: mmpkd[model][name]["mean"] for name in mmpkd[model]}
                       for model in ("teacher", "student", "student_kd")} | {"chance": mmpkd["chance"]},
+        "amif_phantom": {name: {group: variant["summary"][group]["mean"] for group in ("open", "closed", "overall")}
+                         for name, variant in vqa["variants"].items()},
     }
     write_json(out / "metrics.json", metrics)
     return {"seconds": seconds, "report": report_path, "metrics": out / "metrics.json"}

@@ -141,7 +141,8 @@ class AMiFConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(format="vqa-rad", root="../shared/data/vqa_rad",
                                                                image_size=96))
     val_fraction: float = 0.1  # of training questions, when the dataset has no validation split
-    max_train_questions: int | None = None
+    max_train_questions: int | None = None  # seeded random subsets, for quick runs on large sets
+    max_val_questions: int | None = None
     max_test_questions: int | None = None
     image: ImageConfig = field(default_factory=lambda: ImageConfig(name="vit-nano", patch_size=8, stem="conv"))
     text: TextConfig = field(default_factory=TextConfig)
@@ -204,7 +205,7 @@ def vqa_splits(config: AMiFConfig) -> dict[str, list[Record]]:
     if not train or not test:
         raise UsageError(f"{config.data.root}: the VQA data needs training and test questions "
                          f"(found {len(train)} train, {len(test)} test)")
-    return {"train": _subset(train, config.max_train_questions, 0), "val": val,
+    return {"train": _subset(train, config.max_train_questions, 0), "val": _subset(val, config.max_val_questions, 3),
             "test": _subset(test, config.max_test_questions, 1)}
 
 
