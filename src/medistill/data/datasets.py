@@ -26,10 +26,24 @@ def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
     return (images_uint8.float() / 255.0 - IMAGE_MEAN) / IMAGE_STD
 
 
+def patient_key(record: Record) -> str:
+    """The record's patient id, else its study, image or record id: what a split must never divide."""
+    return record.patient_id or record.study_id or record.image or record.uid
+
+
 def patient_hash(record: Record) -> int:
-    """A stable hash of the record's patient (or study, or image) id, for splits that never split a patient."""
-    key = record.patient_id or record.study_id or record.image or record.uid
+    """A stable hash of the record's patient key, for splits that never split a patient."""
+    return key_hash(patient_key(record))
+
+
+def key_hash(key: str) -> int:
+    """A stable 32-bit hash of a string (the same on every run and machine)."""
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+
+
+def held_out_by_key(key: str, fraction: float) -> bool:
+    """Whether `key` falls in a stable `fraction` of all keys (a holdout that never depends on order)."""
+    return key_hash(key) / 0xFFFFFFFF < fraction
 
 
 def patient_holdout(records: Sequence[Record], fraction: float = 0.15) -> tuple[list[Record], list[Record]]:
@@ -39,7 +53,7 @@ def patient_holdout(records: Sequence[Record], fraction: float = 0.15) -> tuple[
     """
 
     def held_out(record: Record) -> bool:
-        return patient_hash(record) / 0xFFFFFFFF < fraction
+        return held_out_by_key(patient_key(record), fraction)
 
     return [r for r in records if not held_out(r)], [r for r in records if held_out(r)]
 

@@ -14,7 +14,6 @@ read for evaluation alone.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -28,13 +27,13 @@ from torch.utils.data import Dataset
 
 from medistill.config import (DataConfig, ModelConfig, OptimConfig, TrainConfig, apply_override, from_dict,
                               register_recipe, to_dict)
-from medistill.data.datasets import normalise, patient_hash, preprocessing
+from medistill.data.datasets import held_out_by_key, normalise, preprocessing
 from medistill.data.formats import open_dataset
 from medistill.data.records import Record
 from medistill.data.stores import ImageStore, TextStore, drop_tokens, random_views
 from medistill.engine.checkpoint import read_checkpoint
 from medistill.engine.rundir import RunDir, prepare_output_dir
-from medistill.engine.trainer import Trainer, resolve_device
+from medistill.engine.trainer import Trainer
 from medistill.errors import UsageError
 from medistill.losses.contrastive import soft_contrastive_loss
 from medistill.losses.matching import itm_loss, sample_hard_negatives
@@ -197,8 +196,7 @@ def vqa_splits(config: AMiFConfig) -> dict[str, list[Record]]:
     train = [r for r in records if r.split == "train"]
     val = [r for r in records if r.split == "val"]
     if not val:
-        held = {r.uid for r in train if patient_hash(Record(uid=r.uid, image=None, patient_id=r.uid)) / 0xFFFFFFFF
-                < config.val_fraction}
+        held = {r.uid for r in train if held_out_by_key(r.uid, config.val_fraction)}
         val = [r for r in train if r.uid in held]
         train = [r for r in train if r.uid not in held]
     test = [r for r in records if r.split == "test"]
@@ -462,9 +460,12 @@ class PretrainTask:
         """Teacher embeddings of two row sets; `kinds` names the tables: image_text, image or text."""
         if self.teacher is None:
             return None
+        if self.teacher.images.device != rows_a.device:  # moved once, not on every step
+            self.teacher.images, self.teacher.texts = self.teacher.images.to(rows_a.device), \
+                self.teacher.texts.to(rows_a.device)
         tables = {"image": self.teacher.images, "text": self.teacher.texts}
         first, second = ("image", "text") if kinds == "image_text" else (kinds, kinds)
-        return tables[first].to(rows_a.device)[rows_a], tables[second].to(rows_b.device)[rows_b]
+        return tables[first][rows_a], tables[second][rows_b]
 
     def _contrastive(self, a: torch.Tensor, b: torch.Tensor, temperature: str,
                      teacher: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -577,7 +578,7 @@ def pretrain_data(pairs: list[tuple[str, str, str | None]], extra: list[str], st
         rows.append({"image_row": stores.images.index(image), "text_row": stores.texts.index(text),
                      "second_row": stores.texts.index(second) if second else -1,
                      "view_row": stores.images.index(others[0]) if others else stores.images.index(image)})
-    held = [patient_hash(Record(uid=image, image=image)) / 0xFFFFFFFF < 0.1 for image, _, _ in pairs]
+    held = [held_out_by_key(image, 0.1) for image, _, _ in pairs]
     extra_rows = [stores.images.index(path) for path in extra]
     return PretrainData(PairDataset([r for r, h in zip(rows, held) if not h], extra_rows),
                         PairDataset([r for r, h in zip(rows, held) if h], []))
