@@ -146,3 +146,22 @@ def test_variant_overrides_are_real_config_changes():
     assert keys["full"] == keys["no_gca"] == keys["question_only"]
     assert keys["full"][0] == keys["no_ot"][0] and keys["full"][1] != keys["no_ot"][1]
     assert keys["full"][0] != keys["no_multiview"][0]
+
+
+def test_a_question_and_its_paraphrase_stay_on_one_side_of_validation(tmp_path, marked_vqa, tiny_phantom):
+    """Held-out validation groups questions by `qid_linked_id`: a paraphrase in training would give its twin's
+    answer away and make validation read high."""
+    root = tmp_path / "vqa-rad"
+    shutil.copytree(marked_vqa, root)
+    path = root / "VQA_RAD Dataset Public.json"
+    records = json.loads(path.read_text())
+    train = [r for r in records if not r["phrase_type"].startswith("test")]
+    for i, record in enumerate(train):
+        record["qid_linked_id"] = f"pair-{i // 2}"
+    path.write_text(json.dumps(records))
+    config = tiny_recipe(tmp_path, root, tiny_phantom, "val_fraction=0.5")
+    splits = amif.vqa_splits(config)
+    sides = {name: {r.meta["qid_linked_id"] for r in splits[name]} for name in ("train", "val")}
+    assert sides["train"] and sides["val"], "both sides should hold questions at val_fraction 0.5"
+    assert not sides["train"] & sides["val"]
+    assert len(splits["train"]) + len(splits["val"]) == len(train)

@@ -191,12 +191,14 @@ def _subset(records: list[Record], limit: int | None, seed: int) -> list[Record]
 
 def vqa_splits(config: AMiFConfig) -> dict[str, list[Record]]:
     """Train / val / test questions. Without a validation split, `val_fraction` of the training questions
-    (by a hash of the question id: VQA-RAD's convention splits by question, not image) is held out."""
+    is held out by a hash of the question's group: VQA-RAD's convention splits by question, not image, but a
+    question and its paraphrase (same `qid_linked_id`) stay on one side, or validation would see the
+    paraphrase's answer in training and overrate every epoch (on VQA-RAD it read ~10 points above test)."""
     records = [r for r in load_records(config.data) if r.question and r.answer is not None and r.image]
     train = [r for r in records if r.split == "train"]
     val = [r for r in records if r.split == "val"]
     if not val:
-        held = {r.uid for r in train if held_out_by_key(r.uid, config.val_fraction)}
+        held = {r.uid for r in train if held_out_by_key(r.meta.get("qid_linked_id") or r.uid, config.val_fraction)}
         val = [r for r in train if r.uid in held]
         train = [r for r in train if r.uid not in held]
     test = [r for r in records if r.split == "test"]

@@ -63,5 +63,6 @@ class VqaRadReader(Reader):
             answer=answer,
             answer_type=answer_type(text_field(item, "answer_type", at, required=False), answer, at),
             question_type=question_type.upper() if question_type else None,
-            meta={"organ": text_field(item, "image_organ", at, required=False), "phrase_type": phrase},
+            meta={"organ": text_field(item, "image_organ", at, required=False), "phrase_type": phrase,
+                  "qid_linked_id": text_field(item, "qid_linked_id", at, required=False)},
         )
