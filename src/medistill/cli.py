@@ -209,7 +209,7 @@ def _add_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
     train = _add_command(
         subparsers, "train", "train any recipe into a run directory, or resume one",
         ["medistill train --config configs/demo/classifier.yaml --out runs/cls --set train.epochs=3",
-         "medistill train --config configs/clinkd/phantom.yaml --set stage=sft --out runs/clinkd-sft",
+         "medistill train --config configs/clinkd/phantom-tiny.yaml --set stage=sft --out runs/clinkd-sft",
          "medistill train --resume runs/cls"], cmd_train, common)
     train.add_argument("--config", type=Path, help="a YAML recipe under configs/")
     train.add_argument("--out", type=Path, help="the run directory to create")
@@ -232,7 +232,7 @@ def _add_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
          "medistill experiment mmpkd --config configs/mmpkd/mini-mias.yaml --out runs/mias --set seeds=[0]",
          "medistill experiment amif --config configs/amif/vqa-rad.yaml --out runs/amif-vqa-rad",
          "medistill experiment amif --config configs/amif/phantom.yaml --out runs/amif-ph --set variants=[full,no_gca]",
-         "medistill experiment clinkd --config configs/clinkd/phantom.yaml --out runs/clinkd-phantom"],
+         "medistill experiment clinkd --config configs/clinkd/phantom-tiny.yaml --out runs/clinkd-phantom"],
         cmd_experiment, common)
     experiment.add_argument("name", choices=EXPERIMENTS, help="the method")
     experiment.add_argument("--config", type=Path, required=True, help="the method's recipe")

@@ -31,7 +31,7 @@ def evaluate_checkpoint(checkpoint: Path, recipe: Path, overrides: list[str], *,
         config = load_config(recipe, overrides)
         if not isinstance(config, ClinKDConfig):
             raise UsageError(f"{checkpoint} is a grounding (Qwen2-VL) checkpoint: pass a clinkd recipe "
-                             "(e.g. configs/clinkd/phantom.yaml or the run's config.yaml)")
+                             "(e.g. configs/clinkd/phantom-tiny.yaml or the run's config.yaml)")
         return evaluate_checkpoint(checkpoint, config, split)
     weights, saved = read_checkpoint(checkpoint)
     config = load_config(recipe, overrides)
