@@ -20,9 +20,14 @@ def test_demo_at_tiny_scale_writes_report_and_metrics(tmp_path, capsys):
         assert "auroc" in metrics["mmpkd_cxr"][model]
     assert set(metrics["amif_phantom"]) == {"full", "question_only"}
     assert 0.0 <= metrics["amif_phantom"]["full"]["overall"] <= 1.0
+    grounding = metrics["clinkd_phantom"]
+    assert set(grounding["models"]) == {"student_sft"}
+    assert {"VG/recall", "ROC/accuracy"} <= set(grounding["models"]["student_sft"])
+    assert {"centre_box", "mean_box"} <= set(grounding["baselines"]["VG"])
     page = (out / "report.html").read_text()
     assert "The phantom world" in page and "MMPKD" in page and page.count("<img") >= 6
     assert "AMiF" in page and "question_only" in page
+    assert "ClinKD" in page and "centre box" in page
     # a second run reuses the phantom set instead of generating it again
     manifest = (out / "data" / "manifest.json").stat().st_mtime_ns
     assert main(["demo", "--out", str(out), "--cases", "30", "--epochs", "1"]) == 0

@@ -38,7 +38,9 @@ def demo_config(name: str, data_root: Path, seed: int, epochs: int | None) -> An
     for source in getattr(getattr(config, "pretrain", None), "pairs", []) + \
             getattr(getattr(config, "pretrain", None), "images", []):
         source.root = str(data_root / source.root)
-    config.seeds = [seed]
+    if hasattr(config, "seeds"):
+        config.seeds = [seed]
+    config.train.seed = seed
     if epochs is not None:
         config.train.epochs = epochs
     return config
@@ -97,6 +99,7 @@ def _run_recipe(name: str, out: Path, seed: int, epochs: int | None) -> dict[str
 
 def run_demo(out: str | Path, *, cases: int, seed: int, epochs: int | None) -> dict[str, Any]:
     from medistill.report.amif import amif_section
+    from medistill.report.clinkd import clinkd_section
     from medistill.report.mmpkd import mmpkd_section
 
     started = time.perf_counter()
@@ -118,6 +121,13 @@ def run_demo(out: str | Path, *, cases: int, seed: int, epochs: int | None) -> d
     report.text("The question-only baseline shows how much the answers can be guessed without the image.")
     amif_section(report, out / "amif-phantom")
 
+    log.info("ClinKD on the phantom's grounding set: a tiny Qwen2-VL with MCG-RoPE")
+    grounding = _run_recipe("clinkd-phantom", out, seed, epochs)
+    report.heading("Medical grounding with a tiny Qwen2-VL and MCG-RoPE (ClinKD), phantom Med-GRIT")
+    report.text("The baselines answer without looking: the centre box, the mean training box of the named class, "
+                "the majority answer.")
+    clinkd_section(report, out / "clinkd-phantom")
+
     seconds = time.perf_counter() - started
     report.text(f"Demo wall time: {seconds:.0f} s. Re-create with: medistill demo --out {out} --cases {cases} "
                 f"--seed {seed}" + (f" --epochs {epochs}" if epochs else ""), note=True)
@@ -129,6 +139,9 @@ def run_demo(out: str | Path, *, cases: int, seed: int, epochs: int | None) -> d
                       for model in ("teacher", "student", "student_kd")} | {"chance": mmpkd["chance"]},
         "amif_phantom": {name: {group: variant["summary"][group]["mean"] for group in ("open", "closed", "overall")}
                          for name, variant in vqa["variants"].items()},
+        "clinkd_phantom": {"models": grounding["summary"],
+                           "baselines": {task: {name: entry["mean"] for name, entry in by_task.items()}
+                                         for task, by_task in grounding["baselines"].items()}},
     }
     write_json(out / "metrics.json", metrics)
     return {"seconds": seconds, "report": report_path, "metrics": out / "metrics.json"}

@@ -1,0 +1,106 @@
+"""ClinKD's tiny grounding model (configs/clinkd/phantom-tiny.yaml's student, a from-scratch Qwen2-VL with
+MCG-RoPE): training tokens/s, generation tokens/s with and without the KV cache, and peak memory.
+
+Goal (issue 6): generation with the KV cache at least 3x the tokens/s of generation without it, every
+sample writing the same number of new tokens (EOS is ignored), greedy. The cached path only stays right if
+MCG-RoPE's rope deltas are consistent while decoding; tests/models/test_grounding_model.py checks that the
+cached and uncached answers are the same, this measures what the cache buys.
+
+Everything runs in one spawned child process so that its peak resident set is this benchmark's alone; it uses
+torch's default threads (OMP_NUM_THREADS when set).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import best_time, figure
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def measure(full: bool) -> dict[str, float]:
+    import torch
+
+    from medistill.config import load_config
+    from medistill.data.phantom import PhantomKnobs, write_phantom
+    from medistill.methods.clinkd import (MODEL_INPUTS, Collate, build_grounder, load_samples,
+                                          train_grounding_tokenizer)
+
+    batch, new_tokens = (32, 80) if full else (16, 48)
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder) / "phantom"
+        write_phantom(root, cases=60, seed=0, knobs=PhantomKnobs(image_size=64))
+        config = load_config(REPO / "configs" / "clinkd" / "phantom-tiny.yaml",
+                             [f"data.root={root / 'med-grit'}", "data.max_train=null", "data.max_test=null"])
+        samples = load_samples(config)["train"]
+        grounder = build_grounder(config.student, train_grounding_tokenizer(samples, config.student.vocab_size), 0)
+    model = grounder.model
+    chosen = samples[:batch]
+
+    # training: forward + backward + AdamW under the trainer's precision (bf16 autocast on this CPU)
+    train_batch = Collate(grounder)(chosen)
+    inputs = {key: train_batch[key] for key in (*MODEL_INPUTS, "labels")}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def train_step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**inputs, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    train_step()
+    tokens = int(train_batch["attention_mask"].sum())
+    train_seconds = best_time(train_step, repeats=5 if full else 3)
+
+    # generation: greedy, exactly `new_tokens` per sample, with and without the KV cache
+    model.eval()
+    prompt = grounder.encode(chosen, answers=False, padding_side="left")
+    prompt.pop("labels")
+
+    def generate(use_cache: bool) -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 use_cache=use_cache, pad_token_id=grounder.tokenizer.pad_token_id)
+        assert out.shape[1] == prompt["input_ids"].shape[1] + new_tokens
+
+    generate(True)
+    cached = best_time(lambda: generate(True), repeats=3)
+    uncached = best_time(lambda: generate(False), repeats=1 if not full else 2)
+    return {"train_tokens_per_s": tokens / train_seconds, "train_samples": batch,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "generated_per_s_cached": batch * new_tokens / cached,
+            "generated_per_s_uncached": batch * new_tokens / uncached,
+            "prompt_tokens": int(prompt["input_ids"].shape[1]), "new_tokens": new_tokens,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _child(full: bool, queue: Any) -> None:
+    queue.put(measure(full))
+
+
+def run(full: bool) -> list[dict[str, Any]]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    started = time.perf_counter()
+    child = context.Process(target=_child, args=(full, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    shape = f"batch {result['train_samples']}, {result['prompt_tokens']} prompt + {result['new_tokens']} new tokens"
+    size = f"{result['parameters'] / 1e6:.1f} M parameters"
+    return [
+        figure("clinkd: generation tokens/s, KV cache", result["generated_per_s_cached"], "tokens/s",
+               f"the same greedy generation without the cache ({shape})", result["generated_per_s_uncached"], goal=3.0),
+        figure("clinkd: training tokens/s (tiny student)", result["train_tokens_per_s"], "tokens/s",
+               f"none: forward + backward + AdamW, bf16 autocast, {size}", 0.0),
+        figure("clinkd: peak resident memory", result["peak_rss_mb"], "MB",
+               f"none: the benchmark's own process (tiny student, {time.perf_counter() - started:.0f} s)", 0.0),
+    ]
