@@ -194,7 +194,7 @@ def test_stages_say_what_they_need() -> None:
 
 def test_recipes_load() -> None:
     root = Path(__file__).resolve().parents[2] / "configs" / "clinkd"
-    for name in ("phantom.yaml", "med-grit.yaml"):
+    for name in ("phantom-tiny.yaml", "qwen2vl-2b.yaml", "med-grit.yaml"):
         config = load_config(root / name)
         assert isinstance(config, ClinKDConfig)
         validate(config)
@@ -286,3 +286,34 @@ def test_tied_weights_save_and_load(tmp_path) -> None:
     target = tied()
     target.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
     assert torch.equal(target[0].weight, source[0].weight) and target[1].weight is target[0].weight
+
+
+@pytest.mark.slow
+def test_the_qwen2vl_2b_recipe_runs_with_a_local_checkpoint_directory(tiny_phantom, tmp_path, one_thread) -> None:
+    """configs/clinkd/qwen2vl-2b.yaml's path (a pretrained directory with its own tokenizer, gradient
+    checkpointing, stock-RoPE variant, RCT) on CPU, with a tiny saved Qwen2-VL standing in for the 2B."""
+    from medistill.cli import main
+    from medistill.methods.clinkd import (GroundingModelConfig, build_grounder, load_samples,
+                                          train_grounding_tokenizer)
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "clinkd" / "qwen2vl-2b.yaml"
+    data = [f"data.root={tiny_phantom / 'med-grit'}", "data.max_train=24", "data.max_val=8", "data.max_test=12"]
+    samples = load_samples(load_config(root, data))["train"]
+    stand_in = build_grounder(GroundingModelConfig(**TINY_MODEL), train_grounding_tokenizer(samples, 400), 0)
+    stand_in.save(tmp_path / "qwen2vl-stand-in")
+    loaded = build_grounder(GroundingModelConfig(pretrained=str(tmp_path / "qwen2vl-stand-in"),
+                                                 gradient_checkpointing=True), None, 0)
+    assert loaded.model.is_gradient_checkpointing
+    out = tmp_path / "run"
+    overrides = [*data, f"student.pretrained={tmp_path / 'qwen2vl-stand-in'}", "student.dtype=null",
+                 "student.min_pixels=4096", "student.max_pixels=4096", "train.device=cpu", "train.precision=fp32",
+                 "train.batch_size=8", "optim.accumulate=1", "optim.warmup_steps=1", "sft.lr=0.001",
+                 "rct.max_samples=6", "rct.candidates=2", "rct.lr=0.001", "eval.max_new_tokens=8",
+                 "eval.mia_max_new_tokens=8", "eval.meteor=false", "eval.batch_size=16"]
+    args = ["experiment", "clinkd", "--config", str(root), "--out", str(out)]
+    assert main([*args, *[a for o in overrides for a in ("--set", o)]]) == 0
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["order"] == ["student_sft", "student_sft_stock_rope", "student_sft_rct"]
+    stock = json.loads((out / "student_sft_stock_rope" / "checkpoints" / "config.json").read_text(encoding="utf-8"))
+    assert stock["mcg_rope"]["inter_gap"] == [1, 1, 1]
+    assert all(0 <= metrics["models"][name]["VG"]["mean"] <= 1 for name in metrics["order"])

@@ -356,7 +356,7 @@ def build_grounder(cfg: GroundingModelConfig, tokenizer: Any | None, seed: int) 
         processor = GroundingImageProcessor.for_model(config, **({"min_pixels": 32 * 32, "max_pixels": 64 * 64}
                                                                  | sizes))
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_activations(model)
     return Grounder(model, tokenizer, processor)
 
 
@@ -372,8 +372,18 @@ def load_grounder(directory: str | Path, cfg: GroundingModelConfig | None = None
         kwargs["attn_implementation"] = cfg.attn_implementation
     model, tokenizer, processor = load_grounding_checkpoint(directory, **kwargs)
     if cfg is not None and cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_activations(model)
     return Grounder(model, tokenizer, processor)
+
+
+def _checkpoint_activations(model: Any) -> None:
+    """Recompute activations in the backward pass (transformers >= 5 renamed gradient to activation
+    checkpointing and deprecated the old name)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def check_same_tokenizer(student: Any, teacher: Any) -> None:
