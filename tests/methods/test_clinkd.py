@@ -303,7 +303,7 @@ def test_the_qwen2vl_2b_recipe_runs_with_a_local_checkpoint_directory(tiny_phant
     stand_in.save(tmp_path / "qwen2vl-stand-in")
     loaded = build_grounder(GroundingModelConfig(pretrained=str(tmp_path / "qwen2vl-stand-in"),
                                                  gradient_checkpointing=True), None, 0)
-    assert loaded.model.is_gradient_checkpointing
+    assert loaded.model.is_activation_checkpointing
     out = tmp_path / "run"
     overrides = [*data, f"student.pretrained={tmp_path / 'qwen2vl-stand-in'}", "student.dtype=null",
                  "student.min_pixels=4096", "student.max_pixels=4096", "train.device=cpu", "train.precision=fp32",
