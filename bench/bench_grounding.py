@@ -16,6 +16,7 @@ import multiprocessing
 import resource
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def measure(full: bool) -> dict[str, float]:
+    """All figures, measured while the phantom images (read lazily by the collate) still exist."""
+    with tempfile.TemporaryDirectory() as folder:
+        return _measure_on(Path(folder) / "phantom", full)
+
+
+def _measure_on(root: Path, full: bool) -> dict[str, float]:
     import torch
 
     from medistill.config import load_config
@@ -33,13 +40,11 @@ def measure(full: bool) -> dict[str, float]:
                                           train_grounding_tokenizer)
 
     batch, new_tokens = (32, 80) if full else (16, 48)
-    with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder) / "phantom"
-        write_phantom(root, cases=60, seed=0, knobs=PhantomKnobs(image_size=64))
-        config = load_config(REPO / "configs" / "clinkd" / "phantom-tiny.yaml",
-                             [f"data.root={root / 'med-grit'}", "data.max_train=null", "data.max_test=null"])
-        samples = load_samples(config)["train"]
-        grounder = build_grounder(config.student, train_grounding_tokenizer(samples, config.student.vocab_size), 0)
+    write_phantom(root, cases=60, seed=0, knobs=PhantomKnobs(image_size=64))
+    config = load_config(REPO / "configs" / "clinkd" / "phantom-tiny.yaml",
+                         [f"data.root={root / 'med-grit'}", "data.max_train=null", "data.max_test=null"])
+    samples = load_samples(config)["train"]
+    grounder = build_grounder(config.student, train_grounding_tokenizer(samples, config.student.vocab_size), 0)
     model = grounder.model
     chosen = samples[:batch]
 
@@ -73,7 +78,7 @@ def measure(full: bool) -> dict[str, float]:
 
     generate(True)
     cached = best_time(lambda: generate(True), repeats=3)
-    uncached = best_time(lambda: generate(False), repeats=1 if not full else 2)
+    uncached = best_time(lambda: generate(False), repeats=2 if full else 1)
     return {"train_tokens_per_s": tokens / train_seconds, "train_samples": batch,
             "parameters": sum(p.numel() for p in model.parameters()),
             "generated_per_s_cached": batch * new_tokens / cached,
@@ -82,18 +87,10 @@ def measure(full: bool) -> dict[str, float]:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _child(full: bool, queue: Any) -> None:
-    queue.put(measure(full))
-
-
 def run(full: bool) -> list[dict[str, Any]]:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
     started = time.perf_counter()
-    child = context.Process(target=_child, args=(full, queue))
-    child.start()
-    result = queue.get()
-    child.join()
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        result = pool.submit(measure, full).result()  # the child's exception, if any, is raised here
     shape = f"batch {result['train_samples']}, {result['prompt_tokens']} prompt + {result['new_tokens']} new tokens"
     size = f"{result['parameters'] / 1e6:.1f} M parameters"
     return [
