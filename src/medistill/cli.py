@@ -130,17 +130,30 @@ def _add_data(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _run_method(config: Any, out: Path, resume: bool) -> dict[str, Any]:
+    from medistill.engine import distributed
     from medistill.engine.rundir import RunDir, prepare_output_dir
+    from medistill.engine.trainer import resolve_device
     from medistill.methods import RUNNERS
 
     runner = RUNNERS.get(config.method)
     if runner is None:
         raise UsageError(f"method {config.method!r} has no trainer yet (trainable: {', '.join(sorted(RUNNERS))})")
-    prepare_output_dir(out, resume=resume)
-    run = RunDir(out)
-    if not resume:
-        run.write_config(config)
-    return runner(config, run, resume)
+    distributed.setup(resolve_device(config.train.device).type)  # under torchrun: join the process group
+    try:
+        prepare_output_dir(out, resume=resume)
+        run = RunDir(out)
+        if not resume:
+            run.write_config(config)
+        return runner(config, run, resume)
+    finally:
+        distributed.teardown()
+
+
+def _speaks() -> bool:
+    """Only the first process of a torchrun launch talks to the user."""
+    from medistill.engine.distributed import launch_rank
+
+    return launch_rank() == 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -157,6 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = args.out
         config = load_config(args.config, args.set)
     _run_method(config, out, bool(args.resume))
+    if not _speaks():
+        return 0
     print(f"run finished: {out}")
     print(f"  metrics: {out / 'metrics.json'}")
     if (out / "report.html").is_file():
@@ -178,6 +193,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise UsageError(f"the recipe sets stage={config.stage}: run a single stage with 'medistill train', or "
                          "drop the stage setting to run the whole experiment")
     _run_method(config, args.out, False)
+    if not _speaks():
+        return 0
     print(f"experiment finished: {args.out}")
     print(f"  metrics: {args.out / 'metrics.json'}")
     print(f"  report:  {args.out / 'report.html'}")

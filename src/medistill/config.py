@@ -71,7 +71,7 @@ class TrainConfig:
 
     seed: int = 0
     epochs: int = 10
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch: under torchrun each of N processes takes batch_size / N
     eval_batch_size: int = 128
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda
@@ -80,6 +80,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = once per epoch
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     progress: bool = True  # shown only on a terminal
+    max_bad_steps: int = 0  # batches with a non-finite loss skipped (and logged) before the run stops
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from medistill.engine.distributed import main_only
 from medistill.engine.logging import write_json
 from medistill.errors import UsageError
 
@@ -25,6 +26,7 @@ def _atomic(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+@main_only
 def save_weights(module: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     path = Path(path)
     tmp = _atomic(path)
@@ -60,6 +62,7 @@ def read_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dic
     return load_file(str(directory / WEIGHTS)), config
 
 
+@main_only
 def save_train_state(path: str | Path, state: dict[str, Any]) -> None:
     path = Path(path)
     tmp = _atomic(path)

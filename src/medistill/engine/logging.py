@@ -9,10 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from medistill.engine.distributed import launch_rank, main_only
+
 
 def setup_logging(verbosity: int = 0) -> None:
-    """Route the library's log records to stderr; the CLI calls this once."""
+    """Route the library's log records to stderr; the CLI calls this once. Under torchrun only rank 0 logs
+    below WARNING."""
     level = logging.DEBUG if verbosity > 0 else logging.INFO
+    if launch_rank() != 0:
+        level = logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("medistill")
@@ -33,6 +38,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+@main_only
 def write_json(path: str | Path, data: Any) -> None:
     """Write strict JSON (NaN becomes null) atomically: temp file, then rename."""
     path = Path(path)
@@ -47,6 +53,7 @@ class JsonlLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
+    @main_only
     def write(self, event: str, **fields: Any) -> None:
         line = json.dumps(_jsonable({"event": event, **fields}), sort_keys=True, allow_nan=False)
         with self.path.open("a", encoding="utf-8") as stream:

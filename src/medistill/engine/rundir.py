@@ -16,6 +16,7 @@ from medistill import __version__
 from medistill.config import dump_config
 from medistill.engine.logging import JsonlLog, write_json
 from medistill.errors import UsageError
+from medistill.engine.distributed import main_only
 
 
 def prepare_output_dir(path: str | Path, *, resume: bool = False) -> Path:
@@ -27,7 +28,7 @@ def prepare_output_dir(path: str | Path, *, resume: bool = False) -> Path:
         raise UsageError(f"{path} already holds a run: continue it with --resume {path}, or choose another --out")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-probe"
+        probe = path / f".write-probe-{os.getpid()}"  # one per process: torchrun ranks check at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
@@ -79,6 +80,7 @@ class RunDir:
     def config_file(self) -> Path:
         return self.path / "config.yaml"
 
+    @main_only
     def write_config(self, config: Any) -> None:
         dump_config(config, self.config_file)
         write_json(self.path / "environment.json", environment())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,8 +24,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
+
+from medistill.engine import distributed
 
 from medistill.config import OptimConfig, TrainConfig
 from medistill.engine.checkpoint import (load_train_state, read_checkpoint, save_checkpoint, save_train_state,
@@ -65,6 +69,8 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto")
     if name not in ("cpu", "cuda"):
         raise UsageError(f"train.device must be auto, cpu or cuda, not {name!r}")
+    if name == "cuda" and distributed.launched_by_torchrun():
+        return torch.device("cuda", distributed.local_rank())  # one GPU per process
     return torch.device(name)
 
 
@@ -153,12 +159,20 @@ def _as_python_state(state: Any) -> tuple:
     return (version, tuple(internal), gauss)
 
 
+def sampler_seed(seed: int) -> int:
+    """Spread run seeds apart: DistributedSampler shuffles with `seed + epoch`, so seed 1 would replay seed 0's
+    orders one epoch late."""
+    return seed * 100_003
+
+
 def epoch_batches(size: int, batch_size: int, seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
     """The shuffled batches of one epoch, a pure function of (seed, epoch) so a resumed run sees the same.
 
-    `drop_last` drops an incomplete final batch (contrastive losses need whole batches), unless it is the only one.
+    The permutation is `DistributedSampler`'s with seed `sampler_seed(seed)` at this epoch, so the global
+    batches of a multi-process run are exactly these. `drop_last` drops an incomplete final batch (contrastive losses need
+    whole batches), unless it is the only one.
     """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    generator = torch.Generator().manual_seed(sampler_seed(seed) + epoch)
     order = torch.randperm(size, generator=generator).tolist()
     batches = [order[i:i + batch_size] for i in range(0, size, batch_size)]
     return batches[:-1] if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size else batches
@@ -179,7 +193,28 @@ class Progress:
     best_step: int | None = None
     evals_since_best: int = 0
     stopped_early: bool = False
+    bad_steps: int = 0  # batches skipped for a non-finite loss (train.max_bad_steps)
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Interrupted(MedistillError):
+    """SIGTERM or Ctrl-C: the state was saved at a step boundary and the run can be resumed."""
+
+    exit_code = 130
+
+
+class _TaskLoss(torch.nn.Module):
+    """The task's loss terms as a module's forward. DDP synchronises the gradients of what runs inside its
+    forward, so wrapping this (and through it the task's trainable model) works for tasks that call several
+    parts of their model rather than one forward."""
+
+    def __init__(self, task: TrainTask) -> None:
+        super().__init__()
+        self.model = task.model
+        self.task = task
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.task.loss_terms(batch)
 
 
 class Trainer:
@@ -207,12 +242,17 @@ class Trainer:
         self.drop_last = drop_last
         self.device = resolve_device(train.device)
         self.dtype = resolve_precision(train.precision, self.device)
+        self.world = distributed.world_size()
+        if train.batch_size % self.world:
+            raise UsageError(f"train.batch_size {train.batch_size} is the global batch and must divide by the "
+                             f"{self.world} processes")
         self.model = task.model.to(self.device)
+        self.ddp = self._wrap()
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
         )
-        self.batches_per_epoch = len(epoch_batches(len(train_data), train.batch_size, 0, 0, drop_last))  # type: ignore[arg-type]
+        self.batches_per_epoch = len(self.local_batches(0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / optim.accumulate)
         self.total_steps = self.steps_per_epoch * train.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -220,28 +260,61 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.progress = Progress()
+        self._stop_signal: str | None = None
         es = train.early_stopping
         if es.mode not in ("max", "min"):
             raise UsageError(f"train.early_stopping.mode must be max or min, not {es.mode!r}")
 
     # -- state -------------------------------------------------------------------------------
 
+    def _wrap(self) -> torch.nn.Module | None:
+        """DDP around the trainable model when torchrun started several processes (None otherwise, and for a
+        model with nothing to train). Unused parameters are allowed: variants switch parts off."""
+        if self.world == 1 or not any(p.requires_grad for p in self.model.parameters()):
+            return None
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(_TaskLoss(self.task), find_unused_parameters=True,
+                                       device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
     def save_state(self) -> None:
-        """Model weights as safetensors and optimiser/scheduler/RNG/progress as train_state.pt."""
-        save_weights(self.model, self.run.path / "train_model.safetensors", {"step": str(self.progress.step)})
+        """Model weights as safetensors and optimiser/scheduler/RNG/progress as train_state.pt (rank 0 only).
+
+        The weights go to a new file named by the step first, then train_state.pt (which names it) replaces
+        the old one atomically, and only then is the old weights file removed: a kill at any moment leaves a
+        train_state.pt whose weights file exists.
+        """
+        if not distributed.is_main():
+            return
+        name = f"train_model-{self.progress.step:08d}.safetensors"
+        save_weights(self.model, self.run.path / name, {"step": str(self.progress.step)})
         save_train_state(self.run.train_state, {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "progress": vars(self.progress),
+            "weights": name,
         })
+        for old in self.run.path.glob("train_model*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+    def check_room(self) -> None:
+        """Fail before training, not at the first checkpoint, when the run directory cannot take one."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        trainable = sum(p.numel() * 4 for p in self.model.parameters() if p.requires_grad)
+        needed = 2 * weights + 2 * trainable  # the old and new weights files at once, AdamW's two moments
+        free = shutil.disk_usage(self.run.path).free
+        if free < needed:
+            raise UsageError(f"{self.run.path} has {free / 2**20:.0f} MiB free but a checkpoint needs about "
+                             f"{needed / 2**20:.0f} MiB: free some space or choose another --out")
 
     def load_state(self) -> None:
         from safetensors.torch import load_file, safe_open
 
         state = load_train_state(self.run.train_state)
-        weights_file = self.run.path / "train_model.safetensors"
+        weights_file = self.run.path / state.get("weights", "train_model.safetensors")
         with safe_open(str(weights_file), "pt") as handle:
             saved_step = int(handle.metadata().get("step", -1))
         if saved_step != state["progress"]["step"]:
@@ -260,28 +333,47 @@ class Trainer:
 
     def fit(self, *, resume: bool = False) -> Progress:
         """Train to the end (or early stop), save the selected model in `checkpoints/` and leave it loaded, in eval mode."""
+        self.check_room()
         if resume:
             self.load_state()
         else:
             seed_everything(self.cfg.seed)
             self.run.log.write("start", total_steps=self.total_steps, precision=str(self.dtype),
-                               device=str(self.device), train_samples=len(self.data))  # type: ignore[arg-type]
+                               device=str(self.device), train_samples=len(self.data),  # type: ignore[arg-type]
+                               processes=self.world)
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="train", unit="step",
-                   disable=not (self.cfg.progress and sys.stderr.isatty()), leave=False)
+                   disable=not (self.cfg.progress and sys.stderr.isatty() and distributed.is_main()), leave=False)
         started = time.perf_counter()
+        previous = self._catch_stop_signals()
         try:
             while self.progress.epoch < self.cfg.epochs and not self.progress.stopped_early:
                 self._run_epoch(bar)
         finally:
             bar.close()
+            for number, handler in previous.items():
+                signal.signal(number, handler)
         if self.cfg.early_stopping.metric is None or self.progress.best_step is None:
             save_checkpoint(self.run.checkpoint_dir, self.task.checkpoint_module(), self.task.checkpoint_config())
         else:  # early stopping selected an earlier step
+            distributed.barrier()  # rank 0 wrote it
             self.task.checkpoint_module().load_state_dict(read_checkpoint(self.run.checkpoint_dir)[0])
+        distributed.barrier()  # whatever reads the checkpoint next, on any rank, finds it written
         self.model.eval()
         self.run.log.write("end", step=self.progress.step, seconds=time.perf_counter() - started,
                            best_step=self.progress.best_step, stopped_early=self.progress.stopped_early)
         return self.progress
+
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        """SIGTERM and Ctrl-C ask the loop to save at the next step boundary and stop (main thread only)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(number: int, frame: Any) -> None:
+            self._stop_signal = signal.Signals(number).name
+
+        return {number: signal.signal(number, request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
 
     def _loader(self, batches: Sequence[list[int]]) -> DataLoader:
         # A private generator: creating a loader iterator must not draw from the global RNG, or a
@@ -291,42 +383,94 @@ class Trainer:
                           num_workers=0, pin_memory=self.device.type == "cuda")
 
     def batches_of_epoch(self, epoch: int) -> list[list[int]]:
-        """The batches of one epoch, shuffled by (seed, epoch). A subclass may order them otherwise (e.g. a
-        curriculum), as a pure function of the epoch with the same number of batches, so resuming still works."""
+        """The global batches of one epoch, shuffled by (seed, epoch). A subclass may order them otherwise (e.g.
+        a curriculum), as a pure function of the epoch with the same number of batches, so resuming still works."""
         return epoch_batches(len(self.data), self.cfg.batch_size, self.cfg.seed, epoch, self.drop_last)  # type: ignore[arg-type]
+
+    def local_batches(self, epoch: int) -> list[list[int]]:
+        """This process's batches: all of them in one process; under torchrun its share of every global batch,
+        drawn by `DistributedSampler` (with `set_epoch`), whose shards of global batch k together are exactly
+        the one-process batch k. A subclass's own order is sharded batch by batch."""
+        if self.world == 1:
+            return self.batches_of_epoch(epoch)
+        rank, local = distributed.rank(), self.cfg.batch_size // self.world
+        if type(self).batches_of_epoch is not Trainer.batches_of_epoch:
+            return [(batch * self.world)[rank:max(len(batch), self.world):self.world]
+                    for batch in self.batches_of_epoch(epoch)]
+        sampler = DistributedSampler(self.data, num_replicas=self.world, rank=rank, shuffle=True,
+                                     seed=sampler_seed(self.cfg.seed))
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        batches = [order[i:i + local] for i in range(0, len(order), local)]
+        return batches[:-1] if self.drop_last and len(batches) > 1 and len(batches[-1]) < local else batches
 
     def _run_epoch(self, bar: tqdm) -> None:
         p = self.progress
-        batches = self.batches_of_epoch(p.epoch)
+        batches = self.local_batches(p.epoch)
         self.model.train()
         pending = 0
         sums: dict[str, float] = {}
         for batch in self._loader(batches[p.batch_in_epoch:]):
-            terms = self._forward_backward(batch)
+            last_of_epoch = p.batch_in_epoch + 1 == len(batches)
+            terms = self._forward_backward(batch, sync=pending + 1 == self.optim_cfg.accumulate or last_of_epoch)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value
             pending += 1
             p.batch_in_epoch += 1
-            last_of_epoch = p.batch_in_epoch == len(batches)
             if pending == self.optim_cfg.accumulate or last_of_epoch:
                 self._optimizer_step()
                 self._after_step({k: v / pending for k, v in sums.items()}, bar, last_of_epoch)
                 pending, sums = 0, {}
                 if p.stopped_early:
                     return
+                self._stop_if_signalled()
 
-    def _forward_backward(self, batch: Batch) -> dict[str, float]:
+    def _stop_if_signalled(self) -> None:
+        """After a SIGTERM or Ctrl-C on any rank: save at this step boundary on every rank's behalf, then stop."""
+        if not distributed.any_rank(self._stop_signal is not None, self.device):
+            return
+        self.save_state()
+        reason = self._stop_signal or "a stop signal on another process"
+        self.run.log.write("interrupted", step=self.progress.step, signal=reason)
+        raise Interrupted(f"stopped by {reason} at step {self.progress.step}; the state is saved: continue "
+                          f"with --resume {self.run.path}")
+
+    def _forward_backward(self, batch: Batch, sync: bool = True) -> dict[str, float]:
+        """Loss terms of one (micro-)batch and their gradients; under DDP gradients are averaged across ranks
+        only when `sync` (the last micro-batch before an optimiser step)."""
         batch = move_to(batch, self.device)
-        with autocast(self.device, self.dtype):
-            terms = self.task.loss_terms(batch)
-        loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            values = {k: float(v.detach()) for k, v in terms.items()}
-            raise MedistillError(f"non-finite loss at step {self.progress.step} (terms {values}, samples "
-                                 f"{batch.get('uid', '?')}); lower optim.lr or check the data; the last good "
-                                 f"state is in {self.run.path}")
-        self.scaler.scale(loss / self.optim_cfg.accumulate).backward()
+        quiet = self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
+        with quiet:
+            with autocast(self.device, self.dtype):
+                terms = self.ddp(batch) if self.ddp is not None else self.task.loss_terms(batch)
+            loss = sum(terms.values())
+            if distributed.any_rank(not bool(torch.isfinite(loss)), self.device):
+                self._bad_batch(batch, terms)
+                return {}
+            self.scaler.scale(loss / self.optim_cfg.accumulate).backward()
         return {k: float(v.detach()) for k, v in terms.items()}
+
+    def _bad_batch(self, batch: Batch, terms: dict[str, torch.Tensor]) -> None:
+        """A non-finite loss on some rank: skip the batch (up to train.max_bad_steps) or stop, naming the step,
+        every rank's sample ids and the loss terms; the last saved state stays as it was."""
+        p = self.progress
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        samples = [uid for part in distributed.gather(list(batch.get("uid", []))) for uid in part] or "unknown"
+        p.bad_steps += 1
+        self.run.log.write("bad_batch", step=p.step, terms=values, samples=samples, bad_steps=p.bad_steps)
+        if p.bad_steps > self.cfg.max_bad_steps:
+            saved = load_train_state(self.run.train_state)["progress"]["step"] if self.run.train_state.exists() \
+                else None
+            kept = f"the last good state (step {saved}) is in {self.run.path}" if saved is not None else \
+                "no state was saved yet"
+            raise MedistillError(f"non-finite loss at step {p.step} (terms {values}, samples {samples}); "
+                                 f"{kept}; lower optim.lr, check these samples, or allow skips with "
+                                 f"train.max_bad_steps")
+        log.warning("non-finite loss at step %d (samples %s): batch skipped (%d of train.max_bad_steps=%d)",
+                    p.step, samples, p.bad_steps, self.cfg.max_bad_steps)
+        if self.ddp is not None:  # every rank skipped: finish DDP's gradient reduction with zeros
+            trainable = [q for q in self.model.parameters() if q.requires_grad]
+            (sum(q.sum() for q in trainable) * 0.0).backward()
 
     def _optimizer_step(self) -> None:
         if self.optim_cfg.clip_grad_norm:
@@ -359,11 +503,17 @@ class Trainer:
             self.save_state()
 
     def _evaluate(self) -> None:
+        """Validation metrics over the whole split, computed on rank 0 and shared, so every rank takes the
+        same early-stopping decision."""
         p = self.progress
-        self.model.eval()
-        with torch.no_grad(), autocast(self.device, self.dtype):
-            metrics = self.task.evaluate("val")
-        self.model.train()
+        metrics: dict[str, float] | None = None
+        if distributed.is_main():
+            self.model.eval()
+            with torch.no_grad(), autocast(self.device, self.dtype):
+                metrics = self.task.evaluate("val")
+            self.model.train()
+        metrics = distributed.broadcast(metrics)
+        assert metrics is not None
         self.run.log.write("eval", step=p.step, epoch=p.epoch, **metrics)
         p.history.append({"step": p.step, **metrics})
         es = self.cfg.early_stopping

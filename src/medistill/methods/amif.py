@@ -31,6 +31,7 @@ from medistill.data.datasets import held_out_by_key, normalise, preprocessing
 from medistill.data.formats import open_dataset
 from medistill.data.records import Record
 from medistill.data.stores import ImageStore, TextStore, drop_tokens, random_views
+from medistill.engine.distributed import main_only
 from medistill.engine.checkpoint import read_checkpoint
 from medistill.engine.rundir import RunDir, prepare_output_dir
 from medistill.engine.trainer import Trainer
@@ -822,6 +823,7 @@ def run_amif(config: AMiFConfig, run: RunDir, resume: bool) -> dict[str, Any]:
     return metrics
 
 
+@main_only
 def _save_examples(directory: Path, examples: dict[str, Any], stores: Stores, test: list[Record]) -> None:
     from medistill.explain.overlay import png_bytes, to_rgb
 

@@ -13,7 +13,7 @@ from medistill.data.datasets import ImageLabelDataset, normalise, preprocessing,
 from medistill.data.formats import open_dataset
 from medistill.data.records import Record
 from medistill.engine.rundir import RunDir
-from medistill.engine.trainer import Trainer, iterate_eval
+from medistill.engine.trainer import Trainer, iterate_eval, seed_everything
 from medistill.errors import UsageError
 from medistill.losses.classification import masked_bce
 from medistill.methods import register_runner
@@ -99,6 +99,7 @@ def build_datasets(config: ClassifierConfig) -> dict[str, ImageLabelDataset]:
 def run_classifier(config: ClassifierConfig, run: RunDir, resume: bool) -> dict[str, Any]:
     datasets = build_datasets(config)
     names = datasets["train"].label_names
+    seed_everything(config.train.seed)  # the initial weights follow the run's seed
     model = create_model(config.model.name, image_size=config.data.image_size, patch_size=config.model.patch_size,
                          num_classes=len(names), dropout=config.model.dropout, stem=config.model.stem,
                          stem_width=config.model.stem_width, stem_convs=config.model.stem_convs)

@@ -40,6 +40,8 @@ from medistill.data.datasets import split_for_validation
 from medistill.data.formats.base import open_dataset
 from medistill.data.formats.med_grit import modality_of
 from medistill.data.records import GROUNDING_TASKS, Box, Record
+from medistill.engine import distributed
+from medistill.engine.distributed import main_only
 from medistill.engine.logging import write_json
 from medistill.engine.rundir import RunDir, prepare_output_dir
 from medistill.engine.trainer import Trainer, autocast, move_to, resolve_device, resolve_precision
@@ -307,9 +309,12 @@ class Grounder:
                             uids=[s.uid for s in samples])
 
     def save(self, directory: Path) -> Path:
+        """Rank 0 writes; every rank returns once it is written (all ranks call this at the same point)."""
         from medistill.models.grounding.model import save_grounding_model
 
-        return save_grounding_model(directory, self.model, self.tokenizer, self.processor)
+        save_grounding_model(directory, self.model, self.tokenizer, self.processor)
+        distributed.barrier()
+        return directory
 
     @property
     def end_token_id(self) -> int:
@@ -914,6 +919,7 @@ def draw_prediction(image: str, truth: str, prediction: str, size: int = 192) ->
     return png_bytes(rgb)
 
 
+@main_only
 def save_gallery(directory: Path, results: dict[str, dict[str, Any]]) -> None:
     """`gallery/{model}-{k}.png` for each model's VG examples, with `captions.json`."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -938,9 +944,10 @@ def _tokenizer_for(cfg: GroundingModelConfig, splits: dict[str, list[Sample]], d
 
     if (directory / "tokenizer.json").is_file():
         return load_tokenizer(directory)
-    tokenizer = train_grounding_tokenizer(splits["train"], cfg.vocab_size)
-    tokenizer.save_pretrained(str(directory))
-    return tokenizer
+    if distributed.is_main():
+        train_grounding_tokenizer(splits["train"], cfg.vocab_size).save_pretrained(str(directory))
+    distributed.barrier()  # every rank then uses the one rank 0 trained and saved
+    return load_tokenizer(directory)
 
 
 def _free(*grounders: Grounder | None) -> None:

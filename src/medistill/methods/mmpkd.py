@@ -24,6 +24,7 @@ from medistill.data.augment import AugmentConfig, augment_images
 from medistill.data.datasets import (ImageLabelDataset, normalise, patient_hash, patient_holdout, preprocessing,
                                      split_for_validation)
 from medistill.data.records import Record
+from medistill.engine.distributed import main_only
 from medistill.engine.logging import write_json
 from medistill.engine.rundir import RunDir, prepare_output_dir
 from medistill.engine.trainer import Trainer, resolve_device
@@ -337,6 +338,7 @@ def run_mmpkd(config: MMPKDConfig, run: RunDir, resume: bool) -> dict[str, Any]:
     return metrics
 
 
+@main_only
 def _save_gallery(directory: Path, items: list[tuple[bytes, str]]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for index, (png, _) in enumerate(items):

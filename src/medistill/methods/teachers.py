@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from medistill.engine import distributed
 from medistill.config import OptimConfig, TrainConfig
 from medistill.data.datasets import label_matrix
 from medistill.data.formats.mimic_cxr import report_sections
@@ -183,10 +184,11 @@ def _cached_embeddings(encoder: TextEncoder, texts: list[str], cache_dir: Path) 
         return load_file(str(path))["embedding"]
     log.info("encoding %d reports with %s (cached in %s)", len(texts), encoder.source, path)
     embedding = encoder.encode(texts)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"embedding": embedding.contiguous()}, str(tmp))
-    tmp.replace(path)
+    if distributed.is_main():  # every rank computed the same; one writes
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"embedding": embedding.contiguous()}, str(tmp))
+        tmp.replace(path)
     return embedding
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from medistill.report.html import HtmlReport
 from medistill.report.run import read_metrics
+from medistill.engine.distributed import main_only
 
 GROUPS = ("open", "closed", "overall")
 
@@ -59,6 +60,7 @@ def amif_section(report: HtmlReport, run_dir: Path) -> None:
         report.gallery(items, columns=3)
 
 
+@main_only
 def write_amif_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     report = HtmlReport(f"AMiF Med-VQA experiment: {run_dir.name}")

@@ -9,6 +9,7 @@ from typing import Any
 
 from medistill.report.html import HtmlReport
 from medistill.report.run import read_metrics
+from medistill.engine.distributed import main_only
 
 CAPTION_COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "mBMR")
 MODEL_NAMES = {"teacher": "teacher (larger model, SFT)", "student_sft": "student, SFT",
@@ -102,6 +103,7 @@ def clinkd_section(report: HtmlReport, run_dir: Path) -> None:
             report.gallery(items, columns=len(models))
 
 
+@main_only
 def write_clinkd_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     report = HtmlReport(f"ClinKD grounding: {run_dir.name}")

@@ -8,6 +8,7 @@ from typing import Any
 
 from medistill.report.html import HtmlReport, format_value
 from medistill.report.run import read_metrics
+from medistill.engine.distributed import main_only
 
 CLASSIFICATION = ("auroc", "accuracy")
 LOCALIZATION = ("pointing_game", "mass_inside", "iou_top", "dice_top", "pixel_auroc")
@@ -47,6 +48,7 @@ def mmpkd_section(report: HtmlReport, run_dir: Path) -> None:
         report.gallery(items, columns=3)
 
 
+@main_only
 def write_mmpkd_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     report = HtmlReport(f"MMPKD experiment: {run_dir.name}")

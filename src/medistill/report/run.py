@@ -17,6 +17,7 @@ from medistill.data.regions import load_mask
 from medistill.explain.overlay import PALETTE, outline, png_bytes, to_rgb
 from medistill.report.html import HtmlReport
 from medistill.report.plots import training_curves
+from medistill.engine.distributed import main_only
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
@@ -70,6 +71,7 @@ def example_gallery(dataset: ImageLabelDataset, probabilities: np.ndarray, count
     return items
 
 
+@main_only
 def write_run_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")

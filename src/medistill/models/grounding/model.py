@@ -51,6 +51,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from medistill.data.imaging import DICOM_SUFFIXES, load_image  # noqa: E402
+from medistill.engine.distributed import main_only  # noqa: E402
 from medistill.errors import UsageError  # noqa: E402
 from medistill.models.grounding.rope import decode_position_ids, mcg_rope_index  # noqa: E402
 from medistill.models.grounding.tokenizer import (  # noqa: E402
@@ -320,6 +321,7 @@ def load_grounding_model(directory: str | Path, *, mcg_rope: Mapping[str, Sequen
                                                             **kwargs)
 
 
+@main_only
 def save_grounding_model(directory: str | Path, model: Any, tokenizer: Any | None = None,
                          image_processor: GroundingImageProcessor | None = None) -> Path:
     """Write model (safetensors + config.json), tokenizer and preprocessing into `directory`, replacing it
