@@ -20,10 +20,12 @@ def gather_features(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' features concatenated (gradient flows back to the local part) and this rank's row offset."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features, 0
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
-    gathered = all_gather(features.contiguous())
-    return torch.cat(gathered), dist.get_rank() * features.shape[0]
+    # the successor torch names for torch.distributed.nn.functional.all_gather: the backward pass sends each
+    # rank the gradient of its own rows from every rank's loss (open_clip's gather_with_grad)
+    gathered = all_gather_single_autograd(features.contiguous(), 0, dist.group.WORLD)
+    return gathered, dist.get_rank() * features.shape[0]
 
 
 def teacher_targets(teacher_a: torch.Tensor, teacher_b: torch.Tensor, scale: float, flexibility: float,
