@@ -26,7 +26,7 @@ class Points(Dataset):
         return len(self.x)
 
     def __getitem__(self, i: int):
-        return {"x": self.x[i], "y": self.y[i]}
+        return {"x": self.x[i], "y": self.y[i], "uid": f"point-{i}"}
 
 
 class Regression:
@@ -126,12 +126,86 @@ def test_unknown_early_stopping_metric(tmp_path):
         trainer.fit()
 
 
-def test_non_finite_loss_stops_with_the_step(tmp_path):
+def nan_at(task: Regression, steps: set[int]):
+    """Make the task's loss NaN (one term of two) at the given optimiser steps."""
+    original = task.loss_terms
+
+    def loss_terms(batch):
+        terms = original(batch)
+        if task.trainer.progress.step in steps:
+            terms["bad"] = terms["mse"] * math.nan
+        return terms
+
+    task.loss_terms = loss_terms
+
+
+def test_non_finite_loss_stops_with_the_step_samples_and_terms_and_keeps_the_last_state(tmp_path):
     task = Regression()
-    trainer = make_trainer(tmp_path, task)
-    task.loss_terms = lambda batch: {"mse": torch.tensor(math.nan, requires_grad=True)}
-    with pytest.raises(MedistillError, match="non-finite loss at step 0"):
+    trainer = make_trainer(tmp_path, task, checkpoint_every=2)
+    nan_at(task, {5})
+    with pytest.raises(MedistillError) as stop:
         trainer.fit()
+    message = str(stop.value)
+    assert "non-finite loss at step 5" in message and "'bad': nan" in message and "'mse'" in message
+    batch = trainer.local_batches(0)[5]  # 8 batches an epoch: step 5 is epoch 0's sixth batch
+    assert all(f"point-{i}" in message for i in batch)
+    assert "last good state (step 4)" in message
+    resumed = make_trainer(tmp_path, Regression())
+    resumed.load_state()
+    assert resumed.progress.step == 4
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "bad_batch" and events[-1]["samples"] == [f"point-{i}" for i in batch]
+
+
+def test_bad_batches_may_be_skipped_up_to_a_limit(tmp_path):
+    task = Regression()
+    trainer = make_trainer(tmp_path, task, max_bad_steps=2, epochs=2)
+    nan_at(task, {3, 9})
+    trainer.fit()  # two skipped, the run finishes
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "bad_batch"] == [3, 9]
+    assert all(math.isfinite(p.abs().sum().item()) for p in task.model.parameters())
+    task = Regression()
+    trainer = make_trainer(tmp_path, task, name="strict", max_bad_steps=2, epochs=2)
+    nan_at(task, {3, 9, 11})
+    with pytest.raises(MedistillError, match="non-finite loss at step 11"):
+        trainer.fit()
+
+
+@pytest.mark.parametrize("moment", ["after the weights, before the state", "in the middle of the state"])
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch, moment):
+    """save_state writes the step's weights file, then train_state.pt (temporary name, then rename), then
+    removes the old weights. A kill at either point leaves the previous state and its weights file."""
+    import medistill.engine.trainer as trainer_module
+
+    real_save = trainer_module.save_train_state
+    calls = []
+
+    def killed_on_third_save(path, state):
+        calls.append(state["progress"]["step"])
+        if len(calls) < 3:
+            return real_save(path, state)
+        if moment == "in the middle of the state":
+            tmp = path.with_name(f".{path.name}.tmp-partial")
+            tmp.write_bytes(b"PK\x03\x04 half a zip")  # what a kill leaves: a partial temporary file
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(trainer_module, "save_train_state", killed_on_third_save)
+    task = Regression()
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path, task, checkpoint_every=2).fit()
+    monkeypatch.setattr(trainer_module, "save_train_state", real_save)
+    assert calls == [2, 4, 6]
+    weights = sorted(path.name for path in (tmp_path / "run").glob("train_model-*.safetensors"))
+    assert weights == ["train_model-00000004.safetensors", "train_model-00000006.safetensors"]  # old one kept
+    resumed = make_trainer(tmp_path, Regression())
+    resumed.load_state()  # the state of step 4 with its own weights file
+    assert resumed.progress.step == 4
+    resumed.fit(resume=True)
+    whole = Regression()
+    make_trainer(tmp_path, whole, name="whole").fit()
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
 
 
 def test_schedule_warms_up_then_decays():
