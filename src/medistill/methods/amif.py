@@ -255,14 +255,14 @@ class PairDataset(Dataset):
     image itself when it has none), and one unlabelled image (cycled, so every batch has the same
     composition; -1 when there are none)."""
 
-    def __init__(self, pairs: list[dict[str, int]], extra_images: list[int]) -> None:
+    def __init__(self, pairs: list[dict[str, Any]], extra_images: list[int]) -> None:
         self.pairs = pairs
         self.extra = extra_images
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> dict[str, int]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         extra = self.extra[index % len(self.extra)] if self.extra else -1
         return {**self.pairs[index], "extra_row": extra}
 
@@ -270,21 +270,23 @@ class PairDataset(Dataset):
 class QuestionDataset(Dataset):
     def __init__(self, records: list[Record], stores: Stores, vocabulary: AnswerVocabulary) -> None:
         self.records = records
-        self.items = [{"image_row": stores.images.index(r.image), "text_row": stores.texts.index(r.question),
+        self.items = [{"uid": r.uid, "image_row": stores.images.index(r.image),
+                       "text_row": stores.texts.index(r.question),
                        "target": t if (t := vocabulary.target(r)) is not None else -1, "position": i}
                       for i, r in enumerate(records)]  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, int]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         return self.items[index]
 
 
-def gather_batch(stores: Stores, items: list[dict[str, int]]) -> dict[str, Any]:
+def gather_batch(stores: Stores, items: list[dict[str, Any]]) -> dict[str, Any]:
     """Collate index items into tensors: images as uint8, texts tokenised (and encoded when cached)."""
-    columns = {key: torch.tensor([item[key] for item in items]) for key in items[0]}
+    columns = {key: torch.tensor([item[key] for item in items]) for key in items[0] if key != "uid"}
     batch: dict[str, Any] = dict(columns)
+    batch["uid"] = [item.get("uid", "?") for item in items]  # named when a loss turns non-finite
     batch["image"] = stores.images.images[columns["image_row"]]
     batch.update(stores.texts.batch(columns["text_row"], "text"))
     if "second_row" in columns:
@@ -578,7 +580,8 @@ def pretrain_data(pairs: list[tuple[str, str, str | None]], extra: list[str], st
     rows = []
     for image, text, second in pairs:
         others = [p for p in studies.get(image, []) if p != image]
-        rows.append({"image_row": stores.images.index(image), "text_row": stores.texts.index(text),
+        rows.append({"uid": Path(image).name, "image_row": stores.images.index(image),
+                     "text_row": stores.texts.index(text),
                      "second_row": stores.texts.index(second) if second else -1,
                      "view_row": stores.images.index(others[0]) if others else stores.images.index(image)})
     held = [held_out_by_key(image, 0.1) for image, _, _ in pairs]
