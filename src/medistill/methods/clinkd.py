@@ -238,7 +238,10 @@ class Sample:
 
     @property
     def image_id(self) -> str:
-        return Path(self.image).stem
+        """The image's name as BiRD groups it, by its file-name prefix: prefixed with the modality when the
+        file is named otherwise (NIH's `00000013_005` becomes `x_ray_00000013_005`)."""
+        stem = Path(self.image).stem
+        return stem if modality_of(stem) == self.modality else f"{self.modality}_{stem}"
 
 
 def _sample(record: Record) -> Sample:
@@ -248,7 +251,7 @@ def _sample(record: Record) -> Sample:
         raise UsageError(f"record {record.uid}: expected one question-answer turn, got {len(record.conversations)}")
     turn = record.conversations[0]
     return Sample(record.uid, record.image, turn.question, turn.answer, record.task or "MIA",
-                  modality_of(Path(record.image).stem) or "unknown")
+                  record.modality or modality_of(Path(record.image).stem) or "unknown")
 
 
 def _cap(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:

@@ -99,8 +99,11 @@ class MedGritReader(Reader):
             relative = listed[0]
         elif "image" in item:
             relative = text_field(item, "image", at) or ""
-        else:
+        elif "id" in item:
             relative = f"{text_field(item, 'id', at, numbers=True)}.png"
+        else:
+            raise at.error("a conversation without an image: give it image, images or an id naming "
+                           "images/<id>.png", field="image")
         for base in (images, self.root):
             candidate = inside(base, relative, at, "image")
             if candidate.exists():
@@ -128,6 +131,10 @@ def _turns(item: Mapping[str, Any], at: At) -> list[tuple[str, str]]:
         raise at.error("missing field: expected conversations or messages", field="conversations")
     if not messages:
         raise at.error("no question-answer turn", field="conversations")
+    tags = sum(len(_IMAGE_TAG.findall(text)) for pair in messages for text in pair)
+    if tags > 1:
+        raise at.error(f"{tags} image tokens but one image per conversation: split it into one record per image",
+                       field="conversations")
     return [(_clean(question, at, "question"), _clean(answer, at, "answer")) for question, answer in messages]
 
 

@@ -4,18 +4,23 @@ Both CSV headers split their bracketed column names on commas ("OriginalImage[Wi
 "Bbox [x,y,w,h],,,"), so the cells are read by position. The table spells "Infiltration", the box file
 "Infiltrate": both become "Infiltration". Images are found in `images/` or in the release's
 `images_NNN/images/` folders; `train_val_list.txt` / `test_list.txt` give the official split when present.
+
+Option `task`: "labels" (default, one record per image) or "grounding": one visual-grounding (VG)
+conversation per boxed finding of an image, in Med-GRIT's form ("Please locate the effusion in the image." ->
+"<ref>effusion</ref><box>(x1,y1),(x2,y2)</box>" on the 0-1000 grid, every box of that finding), for ClinKD.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import replace
 from collections.abc import Iterator
 from pathlib import Path
 
 from medistill.data.formats.base import Reader, register_format
 from medistill.data.formats.parsing import At, Row, make_box, read_text
-from medistill.data.records import Region, Record
+from medistill.data.records import Box, Region, Record, Turn
 
 ENTRY_FILE = "Data_Entry_2017.csv"
 BOX_FILE = "BBox_List_2017.csv"
@@ -27,6 +32,7 @@ ENTRY_COLUMNS = ("image_index", "finding_labels", "follow_up", "patient_id", "pa
                  "view_position", "original_width", "original_height", "spacing_x", "spacing_y")
 BOX_COLUMNS = ("image_index", "finding_label", "x", "y", "w", "h")
 SPLIT_FILES = (("train_val_list.txt", "train"), ("test_list.txt", "test"))
+GRID = 1000  # Med-GRIT's box coordinates
 
 
 def finding(name: str, at: At, field: str) -> str:
@@ -46,6 +52,11 @@ class NihCxrReader(Reader):
         return self.root / "images"
 
     def _read(self) -> Iterator[Record]:
+        grounding = self.option("task", "labels", ("labels", "grounding")) == "grounding"
+        for record in self._labelled():
+            yield from grounding_records(record) if grounding else [record]
+
+    def _labelled(self) -> Iterator[Record]:
         boxes: dict[str, list[Region]] = defaultdict(list)
         broken: set[str] = set()  # an image with a bad box row is skipped whole, never half-annotated
         if (self.root / BOX_FILE).exists():
@@ -119,3 +130,27 @@ def _age(value: str, at: At) -> int:
     if not match:
         raise at.error(f"expected an age in years, found {value!r}", field="Patient Age")
     return int(match.group(1))
+
+
+def _grid(box: Box, size: tuple[int, int]) -> str:
+    """A pixel box as Med-GRIT's `(x1,y1),(x2,y2)` on the 0-1000 grid (corners clamped to 0..999)."""
+    width, height = size
+    x1, x2 = (min(GRID - 1, max(0, round(v / width * GRID))) for v in (box.x1, box.x2))
+    y1, y2 = (min(GRID - 1, max(0, round(v / height * GRID))) for v in (box.y1, box.y2))
+    return f"({x1},{y1}),({x2},{y2})"
+
+
+def grounding_records(record: Record) -> list[Record]:
+    """One VG conversation per boxed finding of `record` (all of that finding's boxes in the answer)."""
+    by_label: dict[str, list[Region]] = defaultdict(list)
+    for region in record.regions:
+        if region.box is not None:
+            by_label[region.label].append(region)
+    size = record.image_size or (IMAGE_SIZE, IMAGE_SIZE)
+    out = []
+    for label, regions in sorted(by_label.items()):
+        phrase = label.replace("_", " ").lower()
+        answer = f"<ref>{phrase}</ref>" + "".join(f"<box>{_grid(r.box, size)}</box>" for r in regions)  # type: ignore[arg-type]
+        out.append(replace(record, uid=f"{record.uid}/vg/{label}", regions=regions, labels={}, task="VG",
+                           conversations=[Turn(f"Please locate the {phrase} in the image.", answer)]))
+    return out
