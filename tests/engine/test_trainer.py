@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from medistill.config import EarlyStoppingConfig, OptimConfig, TrainConfig
+from medistill.data.privacy import case_id
 from medistill.engine.rundir import RunDir, prepare_output_dir
 from medistill.engine.trainer import Trainer, resolve_precision, warmup_cosine
 from medistill.errors import MedistillError, UsageError
@@ -148,13 +149,14 @@ def test_non_finite_loss_stops_with_the_step_samples_and_terms_and_keeps_the_las
     message = str(stop.value)
     assert "non-finite loss at step 5" in message and "'bad': nan" in message and "'mse'" in message
     batch = trainer.local_batches(0)[5]  # 8 batches an epoch: step 5 is epoch 0's sixth batch
-    assert all(f"point-{i}" in message for i in batch)
+    assert all(case_id(f"point-{i}") in message for i in batch)  # salted ids, never the raw sample ids
+    assert "point-" not in message
     assert "last good state (step 4)" in message
     resumed = make_trainer(tmp_path, Regression())
     resumed.load_state()
     assert resumed.progress.step == 4
     events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert events[-1]["event"] == "bad_batch" and events[-1]["samples"] == [f"point-{i}" for i in batch]
+    assert events[-1]["event"] == "bad_batch" and events[-1]["samples"] == [case_id(f"point-{i}") for i in batch]
 
 
 def test_bad_batches_may_be_skipped_up_to_a_limit(tmp_path):

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from medistill.data.privacy import case_id
 from medistill.engine import distributed
 
 from medistill.config import OptimConfig, TrainConfig
@@ -455,7 +456,8 @@ class Trainer:
         every rank's sample ids and the loss terms; the last saved state stays as it was."""
         p = self.progress
         values = {k: float(v.detach()) for k, v in terms.items()}
-        samples = [uid for part in distributed.gather(list(batch.get("uid", []))) for uid in part] or "unknown"
+        samples = [case_id(str(uid)) for part in distributed.gather(list(batch.get("uid", []))) for uid in part] \
+            or "unknown"
         p.bad_steps += 1
         self.run.log.write("bad_batch", step=p.step, terms=values, samples=samples, bad_steps=p.bad_steps)
         if p.bad_steps > self.cfg.max_bad_steps:
@@ -463,9 +465,9 @@ class Trainer:
                 else None
             kept = f"the last good state (step {saved}) is in {self.run.path}" if saved is not None else \
                 "no state was saved yet"
-            raise MedistillError(f"non-finite loss at step {p.step} (terms {values}, samples {samples}); "
-                                 f"{kept}; lower optim.lr, check these samples, or allow skips with "
-                                 f"train.max_bad_steps")
+            raise MedistillError(f"non-finite loss at step {p.step} (terms {values}, samples {samples}, salted "
+                                 f"ids: docs/scaling.md); {kept}; lower optim.lr, check these samples, or allow "
+                                 f"skips with train.max_bad_steps")
         log.warning("non-finite loss at step %d (samples %s): batch skipped (%d of train.max_bad_steps=%d)",
                     p.step, samples, p.bad_steps, self.cfg.max_bad_steps)
         if self.ddp is not None:  # every rank skipped: finish DDP's gradient reduction with zeros

@@ -40,6 +40,7 @@ from medistill.data.datasets import split_for_validation
 from medistill.data.formats.base import open_dataset
 from medistill.data.formats.med_grit import modality_of
 from medistill.data.records import GROUNDING_TASKS, Box, Record
+from medistill.data.privacy import case_id
 from medistill.engine import distributed
 from medistill.engine.distributed import main_only
 from medistill.engine.logging import write_json
@@ -541,8 +542,8 @@ class OrderedTrainer(Trainer):
     """The trainer with a fixed sample order every epoch (the confidence-margin curriculum, easy first)."""
 
     def __init__(self, *args: Any, order: Sequence[int], **kwargs: Any) -> None:
+        self.order = list(order)  # before the base class counts the batches of an epoch
         super().__init__(*args, **kwargs)
-        self.order = list(order)
 
     def batches_of_epoch(self, epoch: int) -> list[list[int]]:
         size = self.cfg.batch_size
@@ -596,7 +597,7 @@ def distill(student: Grounder, teacher: Grounder, run: RunDir, splits: dict[str,
         dtype = resolve_precision(config.train.precision, device)
         vocabulary = int(student.model.config.get_text_config().vocab_size)
         margins = teacher_margins(teacher, train, vocabulary, config.train.eval_batch_size, device, dtype)
-        write_json(run.path / "margins.json", {s.uid: m for s, m in zip(train, margins)})
+        write_json(run.path / "margins.json", list(margins))  # in training-sample order
         if d.curriculum == "order":
             order = sorted(range(len(train)), key=lambda i: -margins[i])
         else:
@@ -724,7 +725,7 @@ def evaluate_grounder(grounder: Grounder, samples: Sequence[Sample], config: Cli
     predictions = [a[0] for a in generate(grounder, samples, budget=_budget(config), batch_size=config.eval.batch_size,
                                           device=device, dtype=dtype)]
     metrics = score_answers(predictions, samples, meteor=config.eval.meteor)
-    examples = [{"uid": s.uid, "image": s.image, "task": s.task, "question": s.question, "answer": s.answer,
+    examples = [{"case": case_id(s.uid), "image": s.image, "task": s.task, "question": s.question, "answer": s.answer,
                  "prediction": p} for s, p in zip(samples, predictions)]
     vg = [e for e in examples if e["task"] == "VG"][:config.eval.gallery]
     others = [e for task in ("ROC", "RC", "MIA") for e in [x for x in examples if x["task"] == task][:2]]
@@ -797,7 +798,8 @@ def correct_samples(grounder: Grounder, corrector: Grounder, samples: Sequence[S
                     config: ClinKDConfig, seed: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """One RCT pass over `samples`: flag, sample candidates with the truth in the prompt, keep the best.
 
-    Returns the corrections (one per flagged sample that is kept) and the counts.
+    Returns the corrections (one per flagged sample that is kept, `index` = its position in `samples`) and
+    the counts.
     """
     r = config.rct
     device = resolve_device(config.train.device)
@@ -809,6 +811,7 @@ def correct_samples(grounder: Grounder, corrector: Grounder, samples: Sequence[S
     flagged = []
     counts = {"checked": len(samples), "flagged": 0, "missing_box": 0, "wrong_box": 0, "low_similarity": 0,
               "corrected": 0, "fallback": 0, "skipped": 0}
+    positions = {id(sample): index for index, sample in enumerate(samples)}
     for sample, prediction, sim in zip(samples, predictions, similarities):
         reasons = flag_reasons(prediction, sample.answer, sim, iou_threshold=r.iou_threshold,
                                similarity_threshold=r.similarity_threshold)
@@ -847,7 +850,7 @@ def correct_samples(grounder: Grounder, corrector: Grounder, samples: Sequence[S
         else:
             counts["skipped"] += 1
             continue
-        corrections.append({"uid": sample.uid, "reasons": reasons, "prediction": prediction, "answer": answer,
+        corrections.append({"index": positions[id(sample)], "case": case_id(sample.uid), "reasons": reasons, "prediction": prediction, "answer": answer,
                             "source": source, "score": score, "candidates": group})
     return corrections, counts
 
@@ -861,7 +864,6 @@ def reflective_correction(grounder: Grounder, run: RunDir, splits: dict[str, lis
     """
     r = config.rct
     train = splits["train"]
-    by_uid = {s.uid: s for s in train}
     similarity: Similarity | None = None
     settings = replace(config.teacher, gradient_checkpointing=False)
     corrector = None if corrector_dir is None else load_grounder(corrector_dir, settings)
@@ -870,11 +872,11 @@ def reflective_correction(grounder: Grounder, run: RunDir, splits: dict[str, lis
         round_run = RunDir(prepare_output_dir(run.path / f"round{k}", resume=True))
         saved = round_run.path / "corrections.json"
         started = time.perf_counter()
+        checked = _cap(train, r.max_samples, config.train.seed + 1000 * k)  # the same on resuming
         if saved.is_file():
             outcome = json.loads(saved.read_text(encoding="utf-8"))
         else:
             similarity = similarity or Similarity(r.encoder)
-            checked = _cap(train, r.max_samples, config.train.seed + 1000 * k)
             log.info("RCT round %d: checking %d training samples", k, len(checked))
             corrections, counts = correct_samples(grounder, corrector or grounder, checked, similarity, config,
                                                   config.train.seed + k)
@@ -884,7 +886,7 @@ def reflective_correction(grounder: Grounder, run: RunDir, splits: dict[str, lis
         counts = outcome["counts"]
         log.info("RCT round %d: %d of %d flagged, %d corrected, %d fallback", k, counts["flagged"], counts["checked"],
                  counts["corrected"], counts["fallback"])
-        corrected = [replace(by_uid[c["uid"]], uid=f"{c['uid']}#rct{k}", answer=c["answer"])
+        corrected = [replace(checked[c["index"]], uid=f"{checked[c['index']].uid}#rct{k}", answer=c["answer"])
                      for c in outcome["corrections"]]
         round_train = (list(train) if r.include_original else []) + corrected
         if corrected or r.include_original:
@@ -932,7 +934,7 @@ def save_gallery(directory: Path, results: dict[str, dict[str, Any]]) -> None:
             file = f"{name}-{k}.png"
             (directory / file).write_bytes(draw_prediction(example["image"], example["answer"], example["prediction"]))
             quality = box_quality(example["prediction"], example["answer"])
-            captions.append({"file": file, "model": name, "index": k, "uid": example["uid"],
+            captions.append({"file": file, "model": name, "index": k, "case": example["case"],
                              "question": example["question"], "prediction": example["prediction"],
                              "iou": quality})
     write_json(directory / "captions.json", captions)
@@ -965,7 +967,7 @@ def _evaluate_into(name: str, grounder: Grounder, splits: dict[str, list[Sample]
                    run: RunDir, results: dict[str, dict[str, Any]]) -> None:
     log.info("evaluating %s on %d %s samples", name, len(splits[config.eval.split]), config.eval.split)
     results[name] = evaluate_grounder(grounder, splits[config.eval.split], config)
-    write_json(run.path / "test_metrics.json", results[name])
+    write_json(run.path / "test_metrics.json", _without_image_paths(results[name]))
     run.log.write("evaluated", model=name, **headline(results[name]))
 
 
@@ -1045,13 +1047,20 @@ def run_experiment(config: ClinKDConfig, run: RunDir) -> dict[str, Any]:
     return finish(run, config, splits, results, rct_rounds, seconds, started)
 
 
+def _without_image_paths(result: dict[str, Any]) -> dict[str, Any]:
+    """A model's results as metrics.json keeps them: examples named by case id, not by their image path
+    (paths can hold patient identifiers; the gallery drew the images already)."""
+    return {**result, "examples": [{k: v for k, v in e.items() if k != "image"} for e in result.get("examples", [])]}
+
+
 def finish(run: RunDir, config: ClinKDConfig, splits: dict[str, list[Sample]], results: dict[str, dict[str, Any]],
            rct_rounds: dict[str, list[dict[str, Any]]], seconds: dict[str, float], started: float) -> dict[str, Any]:
     """metrics.json, the VG gallery and report.html of an experiment or a single stage."""
     notes = sorted({note for result in results.values() for task in CAPTION_TASKS
                     for note in result.get(task, {}).get("notes", [])})
     metrics = {"method": "clinkd", "stage": config.stage, "split": config.eval.split, "order": list(results),
-               "models": results, "summary": {name: headline(result) for name, result in results.items()},
+               "models": {name: _without_image_paths(result) for name, result in results.items()},
+               "summary": {name: headline(result) for name, result in results.items()},
                "baselines": baselines(splits["train"], splits[config.eval.split]), "rct": rct_rounds,
                "samples": {name: len(part) for name, part in splits.items()},
                "tasks": {name: {task: sum(s.task == task for s in part) for task in GROUNDING_TASKS}

@@ -24,6 +24,7 @@ from medistill.data.augment import AugmentConfig, augment_images
 from medistill.data.datasets import (ImageLabelDataset, normalise, patient_hash, patient_holdout, preprocessing,
                                      split_for_validation)
 from medistill.data.records import Record
+from medistill.data.privacy import case_id
 from medistill.engine.distributed import main_only
 from medistill.engine.logging import write_json
 from medistill.engine.rundir import RunDir, prepare_output_dir
@@ -276,7 +277,7 @@ def gallery(students: dict[str, VisionTransformer], dataset: ImageLabelDataset, 
         grey = dataset.images[index].numpy().astype(np.float32) / 255.0
         record = dataset.records[index]
         labels = ", ".join(k for k, v in record.labels.items() if v == 1.0) or "no positive label"
-        items.append((png_bytes(outline(to_rgb(grey), masks[row], (255, 64, 64)), scale), f"{record.uid}: {labels}"))
+        items.append((png_bytes(outline(to_rgb(grey), masks[row], (255, 64, 64)), scale), f"{case_id(record.uid)}: {labels}"))
         for name in students:
             items.append((png_bytes(heatmap(grey, maps[name][row]), scale), f"{name} attention rollout"))
     return items
