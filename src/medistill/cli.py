@@ -285,9 +285,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(bench_main(["--full"] if args.full else []) or 0)
 
 
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    raise MedistillError(f"'medistill {args.command}' is not part of this version yet: "
-                         "see the README's status section for what is implemented")
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from medistill.errors import DataError
+    from medistill.explain.overlay import png_bytes
+    from medistill.predict import expand_inputs, load_predictor
+
+    predictor = load_predictor(args.checkpoint)
+    images = expand_inputs(args.images)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    show_bar = len(images) > 1 and sys.stderr.isatty()
+    for image in tqdm(images, desc="predict", unit="image", disable=not show_bar):
+        try:
+            if not image.is_file():
+                raise UsageError(f"{image}: no such image file")
+            prediction = predictor.predict(image, question=args.question, locate=args.locate)
+        except DataError as error:  # an image that cannot be decoded: say so, go on with the others
+            failures += 1
+            _emit(args.json, {"image": str(image), "error": str(error)}, f"{image}: error: {error}")
+            continue
+        picture = None
+        if args.out and prediction.picture is not None:
+            picture = args.out / f"{image.stem}.{prediction.kind}.png"
+            picture.write_bytes(png_bytes(prediction.picture))
+        record = prediction.as_json() | ({"picture": str(picture)} if picture else {})
+        _emit(args.json, record, f"{image}: {prediction.summary()}" + (f"  ({picture})" if picture else ""))
+    return 1 if failures else 0
+
+
+def _emit(as_json: bool, record: dict[str, Any], line: str) -> None:
+    print(json.dumps(record, sort_keys=True) if as_json else line, flush=True)
 
 
 def _add_demo_bench(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -300,9 +330,21 @@ def _add_demo_bench(subparsers: Any, common: argparse.ArgumentParser) -> None:
     bench = _add_command(subparsers, "bench", "run the benchmarks in bench/ and write bench/results.json",
                          ["medistill bench", "medistill bench --full"], cmd_bench, common)
     bench.add_argument("--full", action="store_true", help="full sizes instead of quick ones")
-    for name, text in (("predict", "predict with a trained checkpoint on images"),):
-        _add_command(subparsers, name, f"{text} (not in this version yet)", [f"medistill {name} --help"],
-                     cmd_not_yet, common)
+    predict = _add_command(
+        subparsers, "predict", "what a trained checkpoint says about images",
+        ["medistill predict runs/demo/mmpkd-cxr/seed0/student/checkpoints chest.png --out overlays",
+         "medistill predict runs/demo/amif-phantom/seed0/full/checkpoints scan.dcm --question 'Is there a mass?' --json",
+         "medistill predict runs/demo/clinkd-phantom/student_sft/checkpoints images/ --locate nodule --out boxes"],
+        cmd_predict, common)
+    predict.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR",
+                         help="a checkpoint directory (a run's checkpoints/): classifier, VQA or grounding")
+    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
+                         help="PNG, JPEG, PGM or DICOM files, folders of them, or .txt list files")
+    predict.add_argument("--question", metavar="TEXT", help="the question for a VQA (or grounding) checkpoint")
+    predict.add_argument("--locate", metavar="PHRASE", help="what a grounding checkpoint should find")
+    predict.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines)")
+    predict.add_argument("--out", type=Path, metavar="DIR",
+                         help="save each prediction's picture here (attention heatmap, boxes)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,7 +83,10 @@ class AnswerVocabulary:
         return 0 if i is None else self.counts[i]
 
     def target(self, record: Record) -> int | None:
-        """The class index of the first accepted answer of `record` that is in the vocabulary, else None."""
+        """The class index of the first accepted answer of `record` that is in the vocabulary, else None (also
+        for a question without an answer, as at prediction time)."""
+        if record.answer is None and not record.meta.get("answers"):
+            return None
         for answer in accepted_answers(record):
             i = self._index.get(answer)
             if i is not None:
