@@ -21,7 +21,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_every_subcommand_has_help_with_an_example(capsys):
     for command in (["data", "make-phantom"], ["data", "check"], ["train"], ["eval"], ["report"], ["demo"],
-                    ["bench"], ["predict"], ["experiment"]):
+                    ["bench"], ["predict"], ["serve"], ["experiment"]):
         with pytest.raises(SystemExit) as stop:
             main([*command, "--help"])
         assert stop.value.code == 0

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,8 @@ def test_demo_at_tiny_scale_writes_report_and_metrics(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--cases", "30", "--epochs", "1"]) == 0
     printed = capsys.readouterr().out
     assert str(out / "report.html") in printed and str(out / "metrics.json") in printed
+    served = [line.split("medistill serve ")[1] for line in printed.splitlines() if "medistill serve " in line]
+    assert len(served) == 3 and all((Path(path) / "config.json").is_file() for path in served)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["phantom"]["cases_per_modality"] == 30
     assert set(metrics["phantom"]["counts"]) == {"cxr", "mammo", "ct", "mr"}

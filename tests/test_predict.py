@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "data" / "formats"))
 from format_layouts import FAKE_PATIENT, FAKE_PATIENT_ID, write_dicom  # noqa: E402
@@ -19,46 +18,16 @@ from medistill.cli import main  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def classifier_checkpoint(tiny_phantom, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cls") / "run"
-    recipe = out.parent / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "method": "classifier",
-        "data": {"format": "phantom", "root": str(tiny_phantom), "options": {"task": "labels"}, "modality": "cxr",
-                 "image_size": 32},
-        "model": {"name": "vit-nano", "patch_size": 8},
-        "train": {"epochs": 1, "batch_size": 8, "precision": "fp32", "device": "cpu", "progress": False}}))
-    assert main(["train", "--config", str(recipe), "--out", str(out)]) == 0
-    return out / "checkpoints"
-
-
-@pytest.fixture(scope="module")
-def grounding_checkpoint(tiny_phantom, tmp_path_factory) -> Path:
-    from medistill.methods.clinkd import GroundingModelConfig, Sample, build_grounder, train_grounding_tokenizer
-
-    texts = [Sample("a", "x_ray_1.png", "Please locate the mass in the image.", "<ref>mass</ref><box>(1,2),(30,40)</box>",
-                     "VG", "x_ray")]
-    cfg = GroundingModelConfig(vocab_size=300, hidden=32, layers=1, heads=2, kv_heads=1, vision_depth=1,
-                               vision_embed=32, vision_heads=2, patch_size=8, min_pixels=4096, max_pixels=4096)
-    grounder = build_grounder(cfg, train_grounding_tokenizer(texts * 4, 300), 0)
-    return grounder.save(tmp_path_factory.mktemp("grounding") / "checkpoints")
-
-
-def cxr_images(tiny_phantom: Path) -> list[Path]:
-    return sorted((tiny_phantom / "images" / "cxr").rglob("*.png"))[:3]
-
-
 def lines(capsys) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
 
 
 @pytest.mark.slow
-def test_classifier_predicts_labels_and_draws_attention_on_png_and_dicom(classifier_checkpoint, tiny_phantom,
+def test_classifier_predicts_labels_and_draws_attention_on_png_and_dicom(classifier_checkpoint, cxr_images,
                                                                           tmp_path, capsys):
     from PIL import Image
 
-    png = cxr_images(tiny_phantom)[0]
+    png = cxr_images[0]
     dicom = write_dicom(tmp_path / "scan.dcm", np.asarray(Image.open(png).convert("L")))
     out = tmp_path / "pictures"
     assert main(["predict", str(classifier_checkpoint), str(png), str(dicom), "--json", "--out", str(out)]) == 0
@@ -76,14 +45,14 @@ def test_classifier_predicts_labels_and_draws_attention_on_png_and_dicom(classif
 
 
 @pytest.mark.slow
-def test_folders_list_files_and_an_undecodable_image(classifier_checkpoint, tiny_phantom, tmp_path, capsys):
+def test_folders_list_files_and_an_undecodable_image(classifier_checkpoint, cxr_images, tmp_path, capsys):
     folder = tmp_path / "folder"
     folder.mkdir()
-    for k, image in enumerate(cxr_images(tiny_phantom)[:2]):
+    for k, image in enumerate(cxr_images[:2]):
         shutil.copy(image, folder / f"image{k}.png")
     (folder / "broken.png").write_bytes(b"not a png")
     listing = tmp_path / "list.txt"
-    listing.write_text(f"# two images\n{cxr_images(tiny_phantom)[2]}\n")
+    listing.write_text(f"# two images\n{cxr_images[2]}\n")
     assert main(["predict", str(classifier_checkpoint), str(folder), str(listing), "--json"]) == 1
     predictions = lines(capsys)
     assert len(predictions) == 4
@@ -115,8 +84,8 @@ def vqa_checkpoint(tiny_phantom, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_vqa_answers_from_its_vocabulary_with_alternatives(vqa_checkpoint, tiny_phantom, capsys):
-    image = cxr_images(tiny_phantom)[0]
+def test_vqa_answers_from_its_vocabulary_with_alternatives(vqa_checkpoint, cxr_images, capsys):
+    image = cxr_images[0]
     assert main(["predict", str(vqa_checkpoint), str(image), "--question", "Is there a mass?", "--json"]) == 0
     (prediction,) = lines(capsys)
     answers = json.loads((vqa_checkpoint / "answers.json").read_text())["answers"]
@@ -136,8 +105,8 @@ def test_vqa_answers_from_its_vocabulary_with_alternatives(vqa_checkpoint, tiny_
     ("grounding", [], "needs --locate PHRASE"),
     ("missing-image", [], "no such image file"),
 ])
-def test_bad_input_is_one_clear_message(setup, flags, message, tmp_path, capsys, request, tiny_phantom):
-    image = cxr_images(tiny_phantom)[0]
+def test_bad_input_is_one_clear_message(setup, flags, message, tmp_path, capsys, request, cxr_images):
+    image = cxr_images[0]
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     if setup == "no-weights":

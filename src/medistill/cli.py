@@ -272,6 +272,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo finished in {result['seconds']:.0f} s")
     print(f"  report:  {result['report']}")
     print(f"  metrics: {result['metrics']}")
+    print("try the trained models on your own images in a browser:")
+    for checkpoint in (args.out / "mmpkd-cxr" / "seed0" / "student_kd" / "checkpoints",
+                       args.out / "amif-phantom" / "seed0" / "full" / "checkpoints",
+                       args.out / "clinkd-phantom" / "student_sft" / "checkpoints"):
+        print(f"  medistill serve {checkpoint}")
     return 0
 
 
@@ -316,6 +321,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from medistill.serve import App, make_server
+
+    if args.max_upload_mb <= 0:
+        raise UsageError("--max-upload-mb must be positive")
+    app = App(args.checkpoint, max_upload=int(args.max_upload_mb * 2**20))
+    try:
+        server = make_server(app, args.host, args.port)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {args.host}:{args.port} ({error.strerror}): choose another --port") \
+            from None
+    host, port = server.server_address[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the model",
+              file=sys.stderr)
+    print(f"serving the {app.kind} checkpoint {args.checkpoint} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _emit(as_json: bool, record: dict[str, Any], line: str) -> None:
     print(json.dumps(record, sort_keys=True) if as_json else line, flush=True)
 
@@ -345,6 +375,14 @@ def _add_demo_bench(subparsers: Any, common: argparse.ArgumentParser) -> None:
     predict.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines)")
     predict.add_argument("--out", type=Path, metavar="DIR",
                          help="save each prediction's picture here (attention heatmap, boxes)")
+    serve = _add_command(subparsers, "serve", "a local web page to try a checkpoint on your images",
+                         ["medistill serve runs/demo/mmpkd-cxr/seed0/student/checkpoints",
+                          "medistill serve runs/demo/clinkd-phantom/student_sft/checkpoints --port 8080"],
+                         cmd_serve, common)
+    serve.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR", help="a checkpoint directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload (default 50 MB)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,12 +29,24 @@ BOX_COLOURS = ((255, 64, 64), (64, 220, 64), (64, 160, 255), (255, 200, 0))
 
 @dataclass
 class Prediction:
-    """What a model says about one image: `result` is JSON-ready; `picture` an RGB drawing of it (or None)."""
+    """What a model says about one image: `result` is JSON-ready; `grey` the image at PICTURE_SIZE and
+    `overlay` an RGBA layer over it (attention colours or boxes; None for VQA), drawn at `opacity`."""
 
     image: str
     kind: str
     result: dict[str, Any]
-    picture: np.ndarray | None = field(default=None, repr=False)
+    grey: np.ndarray | None = field(default=None, repr=False)
+    overlay: np.ndarray | None = field(default=None, repr=False)
+    opacity: float = 0.5
+
+    @property
+    def picture(self) -> np.ndarray | None:
+        """The overlay blended onto the image as RGB (None without an overlay)."""
+        if self.grey is None or self.overlay is None:
+            return None
+        alpha = self.overlay[..., 3:4].astype(np.float32) / 255.0 * self.opacity
+        base = np.repeat(np.clip(self.grey, 0, 1)[..., None] * 255.0, 3, axis=2)
+        return (base * (1 - alpha) + self.overlay[..., :3] * alpha).round().astype(np.uint8)
 
     def as_json(self) -> dict[str, Any]:
         return {"image": self.image, "kind": self.kind, **self.result}
@@ -114,8 +126,7 @@ class ClassifierPredictor:
     def predict(self, image: Path, *, question: str | None = None, locate: str | None = None) -> Prediction:
         from medistill.data.datasets import normalise
         from medistill.explain.attention import attention_rollout, to_image
-        from medistill.explain.overlay import heatmap
-
+        from medistill.explain.overlay import colour_layer
         if question or locate:
             _refuse(self.kind, "--question" if question else "--locate", "it scores its labels on the image")
         pixels = torch.from_numpy(np.round(load_image(image, size=self.image_size) * 255).astype(np.uint8))
@@ -124,7 +135,7 @@ class ClassifierPredictor:
         attention = to_image(attention_rollout(out["attentions"]), PICTURE_SIZE)[0].numpy()
         labels = {name: round(p, 4) for name, p in zip(self.labels, probabilities)}
         return Prediction(str(image), self.kind, {"labels": labels, "attention": "rollout"},
-                          heatmap(_grey_picture(image), attention))
+                          _grey_picture(image), colour_layer(attention))
 
 
 class VQAPredictor:
@@ -162,7 +173,8 @@ class VQAPredictor:
         best = ranked[0]
         return Prediction(str(image), self.kind, {"question": question, "answer": best["answer"],
                                                   "probability": best["probability"],
-                                                  "alternatives": ranked[1:1 + self.alternatives]})
+                                                  "alternatives": ranked[1:1 + self.alternatives]},
+                          _grey_picture(image))
 
 
 class GroundingPredictor:
@@ -178,7 +190,6 @@ class GroundingPredictor:
     def predict(self, image: Path, *, question: str | None = None, locate: str | None = None) -> Prediction:
         from medistill.data.formats.med_grit import modality_of
         from medistill.engine.trainer import resolve_device
-        from medistill.explain.overlay import to_rgb
         from medistill.methods.clinkd import Sample, generate
         from medistill.metrics.grounding import parse_boxes
 
@@ -193,17 +204,17 @@ class GroundingPredictor:
         answer = generate(self.grounder, [sample], budget=lambda _: self.max_new_tokens, batch_size=1,
                           device=resolve_device("cpu"), dtype=None)[0][0]
         boxes = [box for box in parse_boxes(answer) if box is not None]
-        picture = to_rgb(_grey_picture(image))
+        overlay = np.zeros((PICTURE_SIZE, PICTURE_SIZE, 4), dtype=np.uint8)
         for k, box in enumerate(boxes):
-            _draw_grid_box(picture, box, BOX_COLOURS[k % len(BOX_COLOURS)])
+            _draw_grid_box(overlay, box, (*BOX_COLOURS[k % len(BOX_COLOURS)], 255))
         return Prediction(str(image), self.kind,
                           {"question": prompt, "answer": answer,
                            "boxes": [[box.x1, box.y1, box.x2, box.y2] for box in boxes], "box_grid": 1000},
-                          picture)
+                          _grey_picture(image), overlay, opacity=1.0)
 
 
-def _draw_grid_box(rgb: np.ndarray, box: Any, colour: tuple[int, int, int], width: int = 2) -> None:
-    """Draw a box given on the 0-1000 grid onto an RGB picture, in place."""
+def _draw_grid_box(rgb: np.ndarray, box: Any, colour: tuple[int, ...], width: int = 2) -> None:
+    """Draw a box given on the 0-1000 grid onto an RGB(A) picture, in place."""
     height, breadth = rgb.shape[:2]
     x1, x2 = (int(np.clip(round(v / 1000 * breadth), 0, breadth - 1)) for v in (box.x1, box.x2))
     y1, y2 = (int(np.clip(round(v / 1000 * height), 0, height - 1)) for v in (box.y1, box.y2))

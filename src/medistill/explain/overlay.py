@@ -40,10 +40,15 @@ def png_bytes(rgb: np.ndarray, scale: int = 1) -> bytes:
     return buffer.getvalue()
 
 
-def heatmap(grey: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """A saliency map in [0, 1] blended over a grey image with the 'jet' colour map, as uint8 RGB."""
+def colour_layer(saliency: np.ndarray) -> np.ndarray:
+    """A saliency map in [0, 1] as an opaque uint8 RGBA layer in the 'jet' colour map."""
     from matplotlib import colormaps
 
-    colours = colormaps["jet"](np.clip(saliency, 0, 1))[..., :3]
+    return (255 * colormaps["jet"](np.clip(saliency, 0, 1))).round().astype(np.uint8)
+
+
+def heatmap(grey: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """A saliency map in [0, 1] blended over a grey image with the 'jet' colour map, as uint8 RGB."""
+    colours = colour_layer(saliency)[..., :3] / 255.0
     base = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2)
     return (255 * ((1 - alpha) * base + alpha * colours)).round().astype(np.uint8)
