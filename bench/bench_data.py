@@ -52,7 +52,7 @@ def _rate(function, paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def run(full: bool) -> list[dict]:
+def run(full: bool, device: str = "cpu") -> list[dict]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     count = 945 if full else 200
     with tempfile.TemporaryDirectory() as folder:

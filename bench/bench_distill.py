@@ -18,7 +18,7 @@ from bench.common import figure
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(full: bool) -> list[dict[str, Any]]:
+def run(full: bool, device: str = "cpu") -> list[dict[str, Any]]:
     import torch
 
     from medistill.config import load_config

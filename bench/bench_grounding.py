@@ -6,17 +6,12 @@ sample writing the same number of new tokens (EOS is ignored), greedy. The cache
 MCG-RoPE's rope deltas are consistent while decoding; tests/models/test_grounding_model.py checks that the
 cached and uncached answers are the same, this measures what the cache buys.
 
-Everything runs in one spawned child process so that its peak resident set is this benchmark's alone; it uses
-torch's default threads (OMP_NUM_THREADS when set).
+CPU only (the tiny model is a CPU recipe); torch's default threads (OMP_NUM_THREADS when set).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import resource
 import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +78,11 @@ def _measure_on(root: Path, full: bool) -> dict[str, float]:
             "parameters": sum(p.numel() for p in model.parameters()),
             "generated_per_s_cached": batch * new_tokens / cached,
             "generated_per_s_uncached": batch * new_tokens / uncached,
-            "prompt_tokens": int(prompt["input_ids"].shape[1]), "new_tokens": new_tokens,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "prompt_tokens": int(prompt["input_ids"].shape[1]), "new_tokens": new_tokens}
 
 
-def run(full: bool) -> list[dict[str, Any]]:
-    started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        result = pool.submit(measure, full).result()  # the child's exception, if any, is raised here
+def run(full: bool, device: str = "cpu") -> list[dict[str, Any]]:
+    result = measure(full)
     shape = f"batch {result['train_samples']}, {result['prompt_tokens']} prompt + {result['new_tokens']} new tokens"
     size = f"{result['parameters'] / 1e6:.1f} M parameters"
     return [
@@ -98,6 +90,4 @@ def run(full: bool) -> list[dict[str, Any]]:
                f"the same greedy generation without the cache ({shape})", result["generated_per_s_uncached"], goal=3.0),
         figure("clinkd: training tokens/s (tiny student)", result["train_tokens_per_s"], "tokens/s",
                f"none: forward + backward + AdamW, bf16 autocast, {size}", 0.0),
-        figure("clinkd: peak resident memory", result["peak_rss_mb"], "MB",
-               f"none: the benchmark's own process (tiny student, {time.perf_counter() - started:.0f} s)", 0.0),
     ]

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import best_time, figure
+from bench.common import copy_bandwidth, figure
 
 PAIRS, TOKENS, PATCHES, WIDTH = 64, 30, 196, 64
 BETA, IPOT_STEPS = 0.5, 50
@@ -45,7 +45,7 @@ PLAN_TOLERANCE = 1e-5
 THREADS = 1
 
 
-def run(full: bool) -> list[dict[str, Any]]:
+def run(full: bool, device: str = "cpu") -> list[dict[str, Any]]:
     import torch
 
     threads = torch.get_num_threads()
@@ -78,7 +78,7 @@ def _measure(full: bool) -> list[dict[str, Any]]:
     target = torch.full((PAIRS, PATCHES), 1.0 / PATCHES, dtype=torch.float64)
     walled = cost.masked_fill(~text_mask[:, :, None], 1e4)
 
-    bandwidth = _copy_bandwidth(torch, repeats=3 if full else 2)
+    bandwidth = copy_bandwidth(repeats=3 if full else 2)
     matrix_bytes = cost.numel() * cost.element_size()
 
     # IPOT
@@ -193,11 +193,3 @@ def _plan_difference(plan: Any, pairs: list[np.ndarray], text_mask: Any) -> floa
 def _digits(difference: float) -> float:
     return min(16.0, -math.log10(difference)) if difference > 0 else 16.0
 
-
-def _copy_bandwidth(torch: Any, repeats: int) -> float:
-    """Bytes per second of a 256 MiB float64 tensor copy (read + write), best of `repeats`."""
-    source = torch.rand(32 * 2**20, dtype=torch.float64)
-    target = torch.empty_like(source)
-    target.copy_(source)
-    seconds = best_time(lambda: target.copy_(source), repeats)
-    return 2 * source.numel() * source.element_size() / seconds

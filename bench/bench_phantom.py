@@ -22,7 +22,7 @@ def _one_core() -> None:
         pass
 
 
-def run(full: bool) -> list[dict[str, Any]]:
+def run(full: bool, device: str = "cpu") -> list[dict[str, Any]]:
     _one_core()
     from medistill.data.phantom import MODALITIES, PhantomKnobs, generate_case, write_phantom
 

@@ -23,3 +23,44 @@ def figure(name: str, value: float, unit: str, baseline: str, reference: float, 
     met = None if goal is None or ratio is None else bool(ratio >= goal)
     return {"name": name, "value": round(value, 4), "unit": unit, "baseline": baseline,
             "ratio": None if ratio is None else round(ratio, 4), "goal": goal, "met": met}
+
+
+def matmul_peak(dtype_name: str, device: str = "cpu", size: int = 2048, repeats: int = 3) -> float:
+    """Measured matrix-multiply throughput in FLOP/s for square `size` matrices of `dtype_name`
+    ("float32" or "bfloat16") on `device`: the ceiling compute figures are divided by."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+
+    def multiply() -> None:
+        (a @ b).sum().item()  # .item() waits for a GPU
+
+    multiply()
+    return 2 * size**3 / best_time(multiply, repeats)
+
+
+def copy_bandwidth(device: str = "cpu", megabytes: int = 256, repeats: int = 3) -> float:
+    """Bytes per second read plus written by a large tensor copy (the memory-bound parts' ceiling)."""
+    import torch
+
+    source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    target = torch.empty_like(source)
+
+    def copy() -> None:
+        target.copy_(source)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    copy()
+    return 2 * source.numel() * 4 / best_time(copy, repeats)
+
+
+def run_module(name: str, full: bool, device: str) -> tuple[list[dict[str, Any]], float]:
+    """`bench.<name>.run(full, device)` and this process's peak resident memory in MB (run in a child)."""
+    import importlib
+    import resource
+
+    results = importlib.import_module(f"bench.{name}").run(full, device)
+    return results, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -287,7 +287,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(root))
     from bench.__main__ import main as bench_main  # type: ignore[import-not-found]
 
-    return int(bench_main(["--full"] if args.full else []) or 0)
+    return int(bench_main([*(["--full"] if args.full else []), "--device", args.device]) or 0)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -358,8 +358,11 @@ def _add_demo_bench(subparsers: Any, common: argparse.ArgumentParser) -> None:
     demo.add_argument("--epochs", type=int, help="training epochs of each demo model (default: the demo recipes')")
     demo.add_argument("--seed", type=int, default=0)
     bench = _add_command(subparsers, "bench", "run the benchmarks in bench/ and write bench/results.json",
-                         ["medistill bench", "medistill bench --full"], cmd_bench, common)
+                         ["medistill bench", "medistill bench --full", "medistill bench --device cuda"],
+                         cmd_bench, common)
     bench.add_argument("--full", action="store_true", help="full sizes instead of quick ones")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="where the compute benchmarks run (default cpu; cuda uses bf16 autocast)")
     predict = _add_command(
         subparsers, "predict", "what a trained checkpoint says about images",
         ["medistill predict runs/demo/mmpkd-cxr/seed0/student/checkpoints chest.png --out overlays",
