@@ -165,3 +165,13 @@ def test_a_question_and_its_paraphrase_stay_on_one_side_of_validation(tmp_path, 
     assert sides["train"] and sides["val"], "both sides should hold questions at val_fraction 0.5"
     assert not sides["train"] & sides["val"]
     assert len(splits["train"]) + len(splits["val"]) == len(train)
+
+
+@pytest.mark.slow
+def test_no_gca_runs_without_the_full_variant_beside_it(tmp_path, tiny_phantom):
+    """no_gca shares the full model's pretraining (GCA takes no part in it). After no_ot (which shares stage 0
+    but not stage 1) and without `full`, it trains stage 1 from a stage-0 model built with GCA (regression:
+    that load used to fail on the GCA weights)."""
+    config = tiny_recipe(tmp_path, tiny_phantom / "vqa-rad", tiny_phantom, "variants=[no_ot,no_gca]")
+    metrics = amif.run_amif(config, RunDir(prepare_output_dir(tmp_path / "run")), False)
+    assert list(metrics["variants"]) == ["no_ot", "no_gca"]

@@ -620,8 +620,9 @@ def _stage(config: AMiFConfig, stage: int, stores: Stores, data: PretrainData, r
         return cache[key]
     settings = config.pretrain.stage0 if stage == 0 else config.pretrain.stage1
     model = build_model(config, None, seed)
-    if start is not None:
-        model.load_state_dict(start.state_dict())
+    if start is not None:  # the stage-0 model may come from another variant (shared key): GCA, say, is not
+        own = model.state_dict()  # part of pretraining, so a no_gca stage 1 starts from the full stage 0
+        model.load_state_dict({k: v for k, v in start.state_dict().items() if k in own}, strict=False)
     if stage == 1:  # encoders frozen; fusion, heads, projections and temperatures train
         model.image_encoder.requires_grad_(False)
         model.text_encoder.requires_grad_(False)
