@@ -6,19 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medistill.report.html import HtmlReport
+from medistill.report.html import HtmlReport, summary_cell
 from medistill.report.run import read_metrics
 from medistill.engine.distributed import main_only
 
 GROUPS = ("open", "closed", "overall")
-
-
-def _cell(summary: dict[str, Any] | None) -> str:
-    if not summary or summary.get("mean") is None:
-        return "n/a"
-    ci = summary.get("ci95")
-    interval = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
-    return f"{100 * summary['mean']:.1f}{interval}"
 
 
 def variant_rows(metrics: dict[str, Any], prefix: str = "") -> list[list[str]]:
@@ -26,7 +18,8 @@ def variant_rows(metrics: dict[str, Any], prefix: str = "") -> list[list[str]]:
     for name, variant in metrics["variants"].items():
         summary = variant["summary"]
         seconds = variant.get("seconds")
-        rows.append([name, *(_cell(summary[f"{prefix}{g}"]) for g in GROUPS), ", ".join(variant["overrides"]) or "-",
+        cells = [summary_cell(summary[f"{prefix}{g}"], percent=True) for g in GROUPS]
+        rows.append([name, *cells, ", ".join(variant["overrides"]) or "-",
                      "-" if seconds is None else f"{seconds / 60:.1f}"])
     return rows
 

@@ -28,6 +28,16 @@ def format_value(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
+def summary_cell(summary: dict[str, Any] | None, *, percent: bool = False) -> str:
+    """A mean with its 95% interval (`metrics.summary.mean_ci`), as a fraction or in percent."""
+    if not summary or summary.get("mean") is None:
+        return "n/a"
+    scale, digits = (100.0, 1) if percent else (1.0, 3)
+    ci = summary.get("ci95")
+    interval = f" [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]" if ci else ""
+    return f"{scale * summary['mean']:.{digits}f}{interval}"
+
+
 class HtmlReport:
     def __init__(self, title: str) -> None:
         self.title = title

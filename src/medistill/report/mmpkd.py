@@ -6,20 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medistill.report.html import HtmlReport, format_value
+from medistill.report.html import HtmlReport, format_value, summary_cell
 from medistill.report.run import read_metrics
 from medistill.engine.distributed import main_only
 
 CLASSIFICATION = ("auroc", "accuracy")
 LOCALIZATION = ("pointing_game", "mass_inside", "iou_top", "dice_top", "pixel_auroc")
-
-
-def _cell(summary: dict[str, Any] | None) -> str:
-    if not summary or summary.get("mean") is None:
-        return "n/a"
-    ci = summary.get("ci95")
-    interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-    return f"{summary['mean']:.3f}{interval}"
 
 
 def mmpkd_section(report: HtmlReport, run_dir: Path) -> None:
@@ -28,14 +20,14 @@ def mmpkd_section(report: HtmlReport, run_dir: Path) -> None:
     report.text(f"Teacher: {metrics['teacher_kind']}. Labels: {', '.join(metrics['labels'])}. "
                 f"{len(units)} run(s) (seeds x folds); cells are the mean with a 95% t-interval over runs "
                 f"(no interval for a single run). Samples of the first run: {metrics['samples']}.")
-    rows = [[f"classification {name}", *(_cell(metrics[m].get(name)) for m in ("teacher", "student", "student_kd")),
+    rows = [[f"classification {name}", *(summary_cell(metrics[m].get(name)) for m in ("teacher", "student", "student_kd")),
              "0.500" if name == "auroc" else "n/a"] for name in CLASSIFICATION]
     kinds = sorted({key.split("/")[0] for key in metrics["student"] if "/" in key and key.split("/")[1] in LOCALIZATION})
     for kind in kinds:
         for name in LOCALIZATION:
             chance = metrics["chance"].get(name)
-            rows.append([f"{kind} map: {name}", "-", _cell(metrics["student"].get(f"{kind}/{name}")),
-                         _cell(metrics["student_kd"].get(f"{kind}/{name}")), format_value(chance)])
+            rows.append([f"{kind} map: {name}", "-", summary_cell(metrics["student"].get(f"{kind}/{name}")),
+                         summary_cell(metrics["student_kd"].get(f"{kind}/{name}")), format_value(chance)])
     report.table(["metric", "teacher (privileged input)", "student (image only)", "student + KD", "chance"], rows)
     report.text("Localization is zero-shot: the students never saw a region, only image-level labels. Chance is "
                 "what a map without information scores (area fraction for pointing and mass, random top-k for "
@@ -60,9 +52,9 @@ def markdown_table(metrics: dict[str, Any], kind: str = "rollout") -> str:
     """The experiment's main table as Markdown (docs/results.md is assembled from these)."""
     lines = ["| metric | teacher | student | student + KD | chance |", "|---|---|---|---|---|"]
     for name in CLASSIFICATION:
-        cells = [_cell(metrics[m].get(name)) for m in ("teacher", "student", "student_kd")]
+        cells = [summary_cell(metrics[m].get(name)) for m in ("teacher", "student", "student_kd")]
         lines.append(f"| {name} | {' | '.join(cells)} | {'0.500' if name == 'auroc' else 'n/a'} |")
     for name in LOCALIZATION:
-        cells = [_cell(metrics[m].get(f"{kind}/{name}")) for m in ("student", "student_kd")]
+        cells = [summary_cell(metrics[m].get(f"{kind}/{name}")) for m in ("student", "student_kd")]
         lines.append(f"| {kind}: {name} | - | {' | '.join(cells)} | {format_value(metrics['chance'].get(name))} |")
     return "\n".join(lines)
