@@ -175,3 +175,7 @@ def test_no_gca_runs_without_the_full_variant_beside_it(tmp_path, tiny_phantom):
     config = tiny_recipe(tmp_path, tiny_phantom / "vqa-rad", tiny_phantom, "variants=[no_ot,no_gca]")
     metrics = amif.run_amif(config, RunDir(prepare_output_dir(tmp_path / "run")), False)
     assert list(metrics["variants"]) == ["no_ot", "no_gca"]
+    # and in a later invocation it resumes the full model's finished stage directories
+    config = tiny_recipe(tmp_path, tiny_phantom / "vqa-rad", tiny_phantom, "variants=[no_gca,full]")
+    metrics = amif.run_amif(config, RunDir(prepare_output_dir(tmp_path / "run", resume=True)), False)
+    assert list(metrics["variants"]) == ["no_gca", "full"]

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -619,10 +619,11 @@ def _stage(config: AMiFConfig, stage: int, stores: Stores, data: PretrainData, r
     if key in cache:
         return cache[key]
     settings = config.pretrain.stage0 if stage == 0 else config.pretrain.stage1
-    model = build_model(config, None, seed)
-    if start is not None:  # the stage-0 model may come from another variant (shared key): GCA, say, is not
-        own = model.state_dict()  # part of pretraining, so a no_gca stage 1 starts from the full stage 0
-        model.load_state_dict({k: v for k, v in start.state_dict().items() if k in own}, strict=False)
+    # GCA takes no part in pretraining, and variants share stages by their key: every variant pretrains the
+    # same architecture (GCA included), so no_gca resumes and continues the full model's stages
+    model = build_model(replace(config, model=replace(config.model, gca=True)), None, seed)
+    if start is not None:
+        model.load_state_dict(start.state_dict())
     if stage == 1:  # encoders frozen; fusion, heads, projections and temperatures train
         model.image_encoder.requires_grad_(False)
         model.text_encoder.requires_grad_(False)
