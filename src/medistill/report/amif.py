@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medistill.report.html import HtmlReport, summary_cell
+from medistill.report.html import HtmlReport, summary_cell, write_section_report
 from medistill.report.run import read_metrics
-from medistill.engine.distributed import main_only
 
 GROUPS = ("open", "closed", "overall")
 
@@ -53,12 +52,8 @@ def amif_section(report: HtmlReport, run_dir: Path) -> None:
         report.gallery(items, columns=3)
 
 
-@main_only
 def write_amif_report(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    report = HtmlReport(f"AMiF Med-VQA experiment: {run_dir.name}")
-    amif_section(report, run_dir)
-    return report.write(run_dir / "report.html")
+    return write_section_report(run_dir, "AMiF Med-VQA experiment", amif_section)
 
 
 def markdown_table(metrics: dict[str, Any], prefix: str = "") -> str:

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medistill.report.html import HtmlReport
+from medistill.report.html import HtmlReport, write_section_report
 from medistill.report.run import read_metrics
-from medistill.engine.distributed import main_only
 
 CAPTION_COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "mBMR")
 MODEL_NAMES = {"teacher": "teacher (larger model, SFT)", "student_sft": "student, SFT",
@@ -103,9 +102,5 @@ def clinkd_section(report: HtmlReport, run_dir: Path) -> None:
             report.gallery(items, columns=len(models))
 
 
-@main_only
 def write_clinkd_report(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    report = HtmlReport(f"ClinKD grounding: {run_dir.name}")
-    clinkd_section(report, run_dir)
-    return report.write(run_dir / "report.html")
+    return write_section_report(run_dir, "ClinKD grounding", clinkd_section)

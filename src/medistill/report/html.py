@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from medistill.engine.distributed import main_only
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -81,3 +83,12 @@ class HtmlReport:
         tmp.write_text(self.render(), encoding="utf-8")
         tmp.replace(path)
         return path
+
+
+@main_only
+def write_section_report(run_dir: str | Path, title: str, section: Callable[[HtmlReport, Path], None]) -> Path:
+    """`run_dir/report.html` holding one method's section, titled `title: <run name>` (rank 0 writes)."""
+    run_dir = Path(run_dir)
+    report = HtmlReport(f"{title}: {run_dir.name}")
+    section(report, run_dir)
+    return report.write(run_dir / "report.html")

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medistill.report.html import HtmlReport, format_value, summary_cell
+from medistill.report.html import HtmlReport, format_value, summary_cell, write_section_report
 from medistill.report.run import read_metrics
-from medistill.engine.distributed import main_only
 
 CLASSIFICATION = ("auroc", "accuracy")
 LOCALIZATION = ("pointing_game", "mass_inside", "iou_top", "dice_top", "pixel_auroc")
@@ -40,12 +39,8 @@ def mmpkd_section(report: HtmlReport, run_dir: Path) -> None:
         report.gallery(items, columns=3)
 
 
-@main_only
 def write_mmpkd_report(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    report = HtmlReport(f"MMPKD experiment: {run_dir.name}")
-    mmpkd_section(report, run_dir)
-    return report.write(run_dir / "report.html")
+    return write_section_report(run_dir, "MMPKD experiment", mmpkd_section)
 
 
 def markdown_table(metrics: dict[str, Any], kind: str = "rollout") -> str:
