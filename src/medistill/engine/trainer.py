@@ -27,10 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from medistill.config import OptimConfig, TrainConfig
 from medistill.data.privacy import case_id
 from medistill.engine import distributed
-
-from medistill.config import OptimConfig, TrainConfig
 from medistill.engine.checkpoint import (load_train_state, read_checkpoint, save_checkpoint, save_train_state,
                                          save_weights)
 from medistill.engine.rundir import RunDir
@@ -170,8 +169,8 @@ def epoch_batches(size: int, batch_size: int, seed: int, epoch: int, drop_last: 
     """The shuffled batches of one epoch, a pure function of (seed, epoch) so a resumed run sees the same.
 
     The permutation is `DistributedSampler`'s with seed `sampler_seed(seed)` at this epoch, so the global
-    batches of a multi-process run are exactly these. `drop_last` drops an incomplete final batch (contrastive losses need
-    whole batches), unless it is the only one.
+    batches of a multi-process run are exactly these. `drop_last` drops an incomplete final batch
+    (contrastive losses need whole batches), unless it is the only one.
     """
     generator = torch.Generator().manual_seed(sampler_seed(seed) + epoch)
     order = torch.randperm(size, generator=generator).tolist()
