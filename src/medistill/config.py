@@ -81,6 +81,7 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     progress: bool = True  # shown only on a terminal
     max_bad_steps: int = 0  # batches with a non-finite loss skipped (and logged) before the run stops
+    parallel: str = "ddp"  # under torchrun: ddp (a whole model per process) | fsdp (sharded: docs/scaling.md)
 
 
 @dataclass

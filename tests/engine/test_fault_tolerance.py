@@ -76,15 +76,17 @@ def numbers(value: object) -> list[float]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(cxr_phantom, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(cxr_phantom, tmp_path, parallel):
     """Same global batch (4 = 2 x 2), same permutation (DistributedSampler's): each step's gradient is the
     mean over the same 4 images, averaged across ranks by DDP instead of within one batch, so only the order
     of floating-point sums differs (~1e-7). Adam divides each gradient by its running RMS, which turns that
     noise into full-size steps for parameters whose true gradient is ~0 (attention key biases: softmax ignores
     them), so after 15 steps of lr 3e-3 such weights may differ by up to ~1e-4 (2e-5 observed); every other
     weight agrees to ~1e-6. Hence atol 1e-4 on weights, and 1e-3 on metrics, below the 1/(pos x neg) step by
-    which an AUROC on these few images moves, so a real divergence would show."""
-    recipe = classifier_recipe(tmp_path, cxr_phantom)
+    which an AUROC on these few images moves, so a real divergence would show. FSDP shards the ViT's blocks and
+    reduce-scatters instead of all-reducing: the same sums, the same tolerance."""
+    recipe = classifier_recipe(tmp_path, cxr_phantom, parallel=parallel)
     run(medistill("train", "--config", str(recipe), "--out", str(tmp_path / "one")))
     result = run(torchrun(2, "train", "--config", str(recipe), "--out", str(tmp_path / "two")))
     assert result.stdout.count("run finished") == 1  # only rank 0 talks to the user
@@ -141,6 +143,32 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(cxr_phantom, tmp_path
         assert events[-1] == "interrupted"
     assert not (out / "metrics.json").exists()
     run(medistill("train", "--resume", str(out)))
+
+    whole_metrics, whole_weights = final_state(tmp_path / "whole")
+    metrics, weights = final_state(out)
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in whole_weights.items())
+    assert numbers(metrics) == numbers(whole_metrics)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_stopped_by_sigterm_resumes_to_the_uninterrupted_result(cxr_phantom, tmp_path):
+    """FSDP under torchrun: SIGTERM to torchrun reaches both workers, which gather the shards, save at the
+    next step boundary and exit; `torchrun ... --resume` loads the full state back into the shards and ends
+    bit for bit where an uninterrupted sharded run ends."""
+    recipe = classifier_recipe(tmp_path, cxr_phantom, epochs=6, checkpoint_every=2, parallel="fsdp")
+    run(torchrun(2, "train", "--config", str(recipe), "--out", str(tmp_path / "whole")))
+
+    out = tmp_path / "stopped"
+    process = subprocess.Popen(torchrun(2, "train", "--config", str(recipe), "--out", str(out)), cwd=REPO, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_state(out, process, 3)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode != 0
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "interrupted" and events[-1]["step"] < 30
+    assert not (out / "metrics.json").exists()
+    run(torchrun(2, "train", "--resume", str(out)))
 
     whole_metrics, whole_weights = final_state(tmp_path / "whole")
     metrics, weights = final_state(out)

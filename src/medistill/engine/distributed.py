@@ -13,6 +13,7 @@ import datetime
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -112,3 +113,123 @@ def main_only(function: F) -> F:
         return function(*args, **kwargs) if is_main() else None
 
     return on_rank_zero  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP (train.parallel: fsdp): parameters, gradients and optimiser state sharded across ranks
+
+# Roots whose own parameters are gathered for use outside the training forward (evaluation, prediction after
+# training); gathering a state dict reshards them, so `full_state_dict` gathers them again afterwards.
+_open_roots: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+# The FSDP root each sharded model was wrapped in, so that a later training stage reuses it.
+_roots: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+
+
+def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks FSDP shards one by one, outermost first: a Hugging Face model's `_no_split_modules` (its
+    decoder and vision blocks), otherwise the modules held in a ModuleList or ModuleDict (transformer blocks).
+    A block must be called through its forward, which is where FSDP gathers its parameters."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    containers = (torch.nn.ModuleList, torch.nn.ModuleDict)
+
+    def units(module: torch.nn.Module) -> list[torch.nn.Module]:
+        found: list[torch.nn.Module] = []
+        for child in module.children():
+            if names:
+                is_unit = type(child).__name__ in names
+            else:
+                is_unit = isinstance(module, containers) and not isinstance(child, containers)
+            if is_unit and any(True for _ in child.parameters()):
+                found.append(child)
+            else:
+                found += units(child)
+        return found
+
+    return units(model)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def fsdp_root(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The FSDP root `shard` wrapped `model` in (None if it was never sharded)."""
+    return _roots.get(model)
+
+
+def shard(root: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """Shard `model` (a submodule of `root`) with FSDP2: each block of `shard_units`, then `root`, whose
+    forward must be the whole training step so that FSDP gathers the parameters outside the blocks. Parameters
+    stay fp32 (autocast does the low-precision compute, as under DDP)."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = shard_units(model)
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(root)
+    _roots[model] = root
+    log.info("FSDP: %d blocks sharded across %d processes", len(units), world_size())
+    return root
+
+
+def open_for_use(root: torch.nn.Module) -> None:
+    """Gather the root's own parameters on every rank, so the model can be called through any method (blocks
+    gather theirs in their forward). Every rank must then call the model the same way (same batches)."""
+    root.unshard()  # type: ignore[operator]
+    _open_roots.add(root)
+
+
+def close_after_use(root: torch.nn.Module) -> None:
+    if root in _open_roots:
+        _open_roots.discard(root)
+        root.reshard()  # type: ignore[operator]
+
+
+def full_state_dict(module: torch.nn.Module, *, every_rank: bool = False) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` with full tensors. For a sharded module every rank must call this (it gathers);
+    rank 0 gets the tensors on the CPU and the other ranks an empty dict, or with `every_rank` every rank
+    gets them on the model's device (to copy into another model)."""
+    if not is_sharded(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+    state = get_model_state_dict(module, options=options)
+    for root in list(_open_roots):
+        root.unshard()  # type: ignore[operator]
+    return state
+
+
+def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full tensors into `module`; for a sharded one every rank calls this and only rank 0's `state` is
+    read (the others may pass an empty dict): each rank keeps its shard."""
+    if not is_sharded(module):
+        module.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimiser's state dict; for a sharded model gathered to rank 0 and keyed by parameter name."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """The inverse of `optimizer_state` (for a sharded model, rank 0's `state` is broadcast and sharded)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    # not strict: a parameter no step has reached yet (a variant's unused part) has no AdamW state
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))

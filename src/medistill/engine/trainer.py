@@ -30,7 +30,7 @@ from tqdm import tqdm
 from medistill.config import OptimConfig, TrainConfig
 from medistill.data.privacy import case_id
 from medistill.engine import distributed
-from medistill.engine.checkpoint import (load_train_state, read_checkpoint, save_checkpoint, save_train_state,
+from medistill.engine.checkpoint import (WEIGHTS, load_train_state, load_weights, save_checkpoint, save_train_state,
                                          save_weights)
 from medistill.engine.rundir import RunDir
 from medistill.errors import MedistillError, UsageError
@@ -246,8 +246,13 @@ class Trainer:
         if train.batch_size % self.world:
             raise UsageError(f"train.batch_size {train.batch_size} is the global batch and must divide by the "
                              f"{self.world} processes")
+        if train.parallel not in ("ddp", "fsdp"):
+            raise UsageError(f"train.parallel must be ddp or fsdp, not {train.parallel!r}")
+        if train.parallel == "fsdp" and self.dtype == torch.float16:
+            raise UsageError("train.parallel: fsdp trains in fp32 or bf16: set train.precision to bf16")
         self.model = task.model.to(self.device)
-        self.ddp = self._wrap()
+        self.wrapped = self._wrap()
+        self.sharded = self.wrapped is not None and train.parallel == "fsdp"
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
@@ -268,28 +273,38 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------
 
     def _wrap(self) -> torch.nn.Module | None:
-        """DDP around the trainable model when torchrun started several processes (None otherwise, and for a
-        model with nothing to train). Unused parameters are allowed: variants switch parts off."""
+        """DDP or FSDP around the trainable model when torchrun started several processes (None otherwise, and
+        for a model with nothing to train). Under DDP unused parameters are allowed: variants switch parts off.
+        A model an earlier stage sharded keeps its FSDP root, which now runs this task's loss."""
         if self.world == 1 or not any(p.requires_grad for p in self.model.parameters()):
             return None
+        if self.cfg.parallel == "fsdp":
+            root = distributed.fsdp_root(self.model)
+            if root is None:
+                return distributed.shard(_TaskLoss(self.task), self.model)
+            distributed.close_after_use(root)
+            root.task = self.task
+            return root
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(_TaskLoss(self.task), find_unused_parameters=True,
                                        device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def save_state(self) -> None:
-        """Model weights as safetensors and optimiser/scheduler/RNG/progress as train_state.pt (rank 0 only).
+        """Model weights as safetensors and optimiser/scheduler/RNG/progress as train_state.pt. Every rank calls
+        this (FSDP gathers the shards); rank 0 writes.
 
         The weights go to a new file named by the step first, then train_state.pt (which names it) replaces
         the old one atomically, and only then is the old weights file removed: a kill at any moment leaves a
         train_state.pt whose weights file exists.
         """
-        if not distributed.is_main():
-            return
         name = f"train_model-{self.progress.step:08d}.safetensors"
         save_weights(self.model, self.run.path / name, {"step": str(self.progress.step)})
+        optimizer = distributed.optimizer_state(self.model, self.optimizer)
+        if not distributed.is_main():
+            return
         save_train_state(self.run.train_state, {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -311,7 +326,7 @@ class Trainer:
                              f"{needed / 2**20:.0f} MiB: free some space or choose another --out")
 
     def load_state(self) -> None:
-        from safetensors.torch import load_file, safe_open
+        from safetensors.torch import safe_open
 
         state = load_train_state(self.run.train_state)
         weights_file = self.run.path / state.get("weights", "train_model.safetensors")
@@ -320,8 +335,8 @@ class Trainer:
         if saved_step != state["progress"]["step"]:
             raise MedistillError(f"{weights_file} (step {saved_step}) does not match train_state.pt "
                                  f"(step {state['progress']['step']}): the run directory was modified")
-        self.model.load_state_dict(load_file(str(weights_file), device=str(self.device)))
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_weights(self.model, weights_file)
+        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -356,8 +371,10 @@ class Trainer:
             save_checkpoint(self.run.checkpoint_dir, self.task.checkpoint_module(), self.task.checkpoint_config())
         else:  # early stopping selected an earlier step
             distributed.barrier()  # rank 0 wrote it
-            self.task.checkpoint_module().load_state_dict(read_checkpoint(self.run.checkpoint_dir)[0])
+            load_weights(self.task.checkpoint_module(), self.run.checkpoint_dir / WEIGHTS)
         distributed.barrier()  # whatever reads the checkpoint next, on any rank, finds it written
+        if self.sharded:  # usable through any of its methods now, as long as every rank makes the same calls
+            distributed.open_for_use(self.wrapped)  # type: ignore[arg-type]
         self.model.eval()
         self.run.log.write("end", step=self.progress.step, seconds=time.perf_counter() - started,
                            best_step=self.progress.best_step, stopped_early=self.progress.stopped_early)
@@ -436,23 +453,27 @@ class Trainer:
                           f"with --resume {self.run.path}")
 
     def _forward_backward(self, batch: Batch, sync: bool = True) -> dict[str, float]:
-        """Loss terms of one (micro-)batch and their gradients; under DDP gradients are averaged across ranks
-        only when `sync` (the last micro-batch before an optimiser step)."""
+        """Loss terms of one (micro-)batch and their gradients; under DDP or FSDP gradients are averaged across
+        ranks only when `sync` (the last micro-batch before an optimiser step)."""
         batch = move_to(batch, self.device)
-        quiet = self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
+        if self.sharded:
+            self.wrapped.set_requires_gradient_sync(sync)  # type: ignore[union-attr,operator]
+        quiet = self.wrapped.no_sync() if self.wrapped is not None and not sync and not self.sharded \
+            else nullcontext()
         with quiet:
             with autocast(self.device, self.dtype):
-                terms = self.ddp(batch) if self.ddp is not None else self.task.loss_terms(batch)
+                terms = self.wrapped(batch) if self.wrapped is not None else self.task.loss_terms(batch)
             loss = sum(terms.values())
             if distributed.any_rank(not bool(torch.isfinite(loss)), self.device):
-                self._bad_batch(batch, terms)
+                self._bad_batch(batch, terms, loss)
                 return {}
             self.scaler.scale(loss / self.optim_cfg.accumulate).backward()
         return {k: float(v.detach()) for k, v in terms.items()}
 
-    def _bad_batch(self, batch: Batch, terms: dict[str, torch.Tensor]) -> None:
+    def _bad_batch(self, batch: Batch, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
         """A non-finite loss on some rank: skip the batch (up to train.max_bad_steps) or stop, naming the step,
-        every rank's sample ids and the loss terms; the last saved state stays as it was."""
+        every rank's sample ids and the loss terms; the last saved state stays as it was. Under FSDP the skip
+        drops the gradients of the whole optimiser step (FSDP's backward must run, and it runs on this loss)."""
         p = self.progress
         values = {k: float(v.detach()) for k, v in terms.items()}
         samples = [case_id(str(uid)) for part in distributed.gather(list(batch.get("uid", []))) for uid in part] \
@@ -469,7 +490,10 @@ class Trainer:
                                  f"skips with train.max_bad_steps")
         log.warning("non-finite loss at step %d (samples %s): batch skipped (%d of train.max_bad_steps=%d)",
                     p.step, samples, p.bad_steps, self.cfg.max_bad_steps)
-        if self.ddp is not None:  # every rank skipped: finish DDP's gradient reduction with zeros
+        if self.sharded:
+            loss.backward()
+            self.optimizer.zero_grad(set_to_none=True)
+        elif self.wrapped is not None:  # every rank skipped: finish DDP's gradient reduction with zeros
             trainable = [q for q in self.model.parameters() if q.requires_grad]
             (sum(q.sum() for q in trainable) * 0.0).backward()
 
@@ -504,14 +528,19 @@ class Trainer:
             self.save_state()
 
     def _evaluate(self) -> None:
-        """Validation metrics over the whole split, computed on rank 0 and shared, so every rank takes the
-        same early-stopping decision."""
+        """Validation metrics over the whole split, computed on rank 0 (on every rank under FSDP, whose blocks
+        gather their parameters from all ranks) and shared, so every rank takes the same early-stopping
+        decision."""
         p = self.progress
         metrics: dict[str, float] | None = None
-        if distributed.is_main():
+        if distributed.is_main() or self.sharded:
             self.model.eval()
+            if self.sharded:
+                distributed.open_for_use(self.wrapped)  # type: ignore[arg-type]
             with torch.no_grad(), autocast(self.device, self.dtype):
                 metrics = self.task.evaluate("val")
+            if self.sharded:
+                distributed.close_after_use(self.wrapped)  # type: ignore[arg-type]
             self.model.train()
         metrics = distributed.broadcast(metrics)
         assert metrics is not None

@@ -31,6 +31,7 @@ from medistill.data.datasets import held_out_by_key, normalise, preprocessing
 from medistill.data.formats import open_dataset
 from medistill.data.records import Record
 from medistill.data.stores import ImageStore, TextStore, drop_tokens, random_views
+from medistill.engine import distributed
 from medistill.engine.distributed import main_only
 from medistill.engine.checkpoint import read_checkpoint
 from medistill.engine.rundir import RunDir, prepare_output_dir
@@ -623,7 +624,7 @@ def _stage(config: AMiFConfig, stage: int, stores: Stores, data: PretrainData, r
     # same architecture (GCA included), so no_gca resumes and continues the full model's stages
     model = build_model(replace(config, model=replace(config.model, gca=True)), None, seed)
     if start is not None:
-        model.load_state_dict(start.state_dict())
+        model.load_state_dict(distributed.full_state_dict(start, every_rank=True))
     if stage == 1:  # encoders frozen; fusion, heads, projections and temperatures train
         model.image_encoder.requires_grad_(False)
         model.text_encoder.requires_grad_(False)
@@ -710,7 +711,7 @@ def finetune(config: AMiFConfig, stores: Stores, splits: dict[str, list[Record]]
     model = build_model(config, vocabulary, seed)
     if pretrained is not None:
         own = model.state_dict()
-        shared = {k: v for k, v in pretrained.state_dict().items()
+        shared = {k: v for k, v in distributed.full_state_dict(pretrained, every_rank=True).items()
                   if k in own and own[k].shape == v.shape and not k.startswith("answer_")}
         model.load_state_dict(shared, strict=False)
     datasets = {name: QuestionDataset(records, stores, vocabulary) for name, records in splits.items()}

@@ -316,7 +316,8 @@ class Grounder:
         """Rank 0 writes; every rank returns once it is written (all ranks call this at the same point)."""
         from medistill.models.grounding.model import save_grounding_model
 
-        save_grounding_model(directory, self.model, self.tokenizer, self.processor)
+        full = distributed.full_state_dict(self.model) if distributed.is_sharded(self.model) else None
+        save_grounding_model(directory, self.model, self.tokenizer, self.processor, state_dict=full)
         distributed.barrier()
         return directory
 

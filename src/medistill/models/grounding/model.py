@@ -323,14 +323,16 @@ def load_grounding_model(directory: str | Path, *, mcg_rope: Mapping[str, Sequen
 
 @main_only
 def save_grounding_model(directory: str | Path, model: Any, tokenizer: Any | None = None,
-                         image_processor: GroundingImageProcessor | None = None) -> Path:
+                         image_processor: GroundingImageProcessor | None = None,
+                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write model (safetensors + config.json), tokenizer and preprocessing into `directory`, replacing it
-    whole: everything is written beside it first, so a kill during the write leaves the old one intact."""
+    whole: everything is written beside it first, so a kill during the write leaves the old one intact.
+    `state_dict` replaces the model's own (the full weights of an FSDP-sharded model)."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     if image_processor is not None:
