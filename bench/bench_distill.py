@@ -74,8 +74,8 @@ def run(full: bool, device: str = "cpu") -> list[dict[str, Any]]:
     throughput = {name: len(images) / s for name, s in seconds.items()}
     plain = f"plain student epoch ({len(images)} images, {config.student.name} {config.student.stem} stem)"
     return [
-        figure("mmpkd: epoch throughput, offline KD (cached teacher)", throughput["offline"], "images/s", plain,
+        figure("distill: MMPKD epoch throughput, offline KD (cached teacher)", throughput["offline"], "images/s", plain,
                throughput["plain"], round(1 / 1.1, 3)),
-        figure("mmpkd: epoch throughput, online KD (MiniLM teacher per batch)", throughput["online"], "images/s",
+        figure("distill: MMPKD epoch throughput, online KD (MiniLM teacher per batch)", throughput["online"], "images/s",
                plain, throughput["plain"]),
     ]

@@ -6,7 +6,11 @@ sample writing the same number of new tokens (EOS is ignored), greedy. The cache
 MCG-RoPE's rope deltas are consistent while decoding; tests/models/test_grounding_model.py checks that the
 cached and uncached answers are the same, this measures what the cache buys.
 
-CPU only (the tiny model is a CPU recipe); torch's default threads (OMP_NUM_THREADS when set).
+Also the share of a training step that preparing its batch takes (tokenising, image patches): the trainer
+prepares batches in the training process, which is right while this share stays small.
+
+On `--device cuda` the model runs on the GPU (the batch is still prepared by the CPU); on the CPU with torch's
+default threads (OMP_NUM_THREADS when set).
 """
 
 from __future__ import annotations
@@ -15,24 +19,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import best_time, figure
+from bench.common import best_time, best_times, figure
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def measure(full: bool) -> dict[str, float]:
+def measure(full: bool, device: str) -> dict[str, float]:
     """All figures, measured while the phantom images (read lazily by the collate) still exist."""
     with tempfile.TemporaryDirectory() as folder:
-        return _measure_on(Path(folder) / "phantom", full)
+        return _measure_on(Path(folder) / "phantom", full, device)
 
 
-def _measure_on(root: Path, full: bool) -> dict[str, float]:
+def _measure_on(root: Path, full: bool, device: str) -> dict[str, float]:
     import torch
 
     from medistill.config import load_config
     from medistill.data.phantom import PhantomKnobs, write_phantom
     from medistill.methods.clinkd import (MODEL_INPUTS, Collate, build_grounder, load_samples,
                                           train_grounding_tokenizer)
+    from medistill.models.grounding.model import vision_token_ids
 
     batch, new_tokens = (32, 80) if full else (16, 48)
     write_phantom(root, cases=60, seed=0, knobs=PhantomKnobs(image_size=64))
@@ -40,41 +45,46 @@ def _measure_on(root: Path, full: bool) -> dict[str, float]:
                          [f"data.root={root / 'med-grit'}", "data.max_train=null", "data.max_test=null"])
     samples = load_samples(config)["train"]
     grounder = build_grounder(config.student, train_grounding_tokenizer(samples, config.student.vocab_size), 0)
-    model = grounder.model
+    model = grounder.model.to(device)
     chosen = samples[:batch]
+    collate = Collate(grounder)
 
     # training: forward + backward + AdamW under the trainer's precision (bf16 autocast on this CPU)
-    train_batch = Collate(grounder)(chosen)
-    inputs = {key: train_batch[key] for key in (*MODEL_INPUTS, "labels")}
+    train_batch = collate(chosen)
+    inputs = {key: train_batch[key].to(device) for key in (*MODEL_INPUTS, "labels")}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
     def train_step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = model(**inputs, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-    train_step()
     tokens = int(train_batch["attention_mask"].sum())
-    train_seconds = best_time(train_step, repeats=5 if full else 3)
+    seconds = best_times({"train": train_step, "collate": lambda: collate(chosen)}, repeats=5 if full else 3)
+    train_seconds = seconds["train"]
 
     # generation: greedy, exactly `new_tokens` per sample, with and without the KV cache
     model.eval()
-    prompt = grounder.encode(chosen, answers=False, padding_side="left")
-    prompt.pop("labels")
+    prompt = {key: value.to(device) for key, value in
+              grounder.encode(chosen, answers=False, padding_side="left").items() if key != "labels"}
 
     def generate(use_cache: bool) -> None:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
             out = model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 use_cache=use_cache, pad_token_id=grounder.tokenizer.pad_token_id)
+                                 use_cache=use_cache, pad_token_id=grounder.tokenizer.pad_token_id,
+                                 suppress_tokens=vision_token_ids(model.config))
         assert out.shape[1] == prompt["input_ids"].shape[1] + new_tokens
 
     generate(True)
     cached = best_time(lambda: generate(True), repeats=3)
     uncached = best_time(lambda: generate(False), repeats=2 if full else 1)
     return {"train_tokens_per_s": tokens / train_seconds, "train_samples": batch,
+            "collate_share": seconds["collate"] / train_seconds,
             "parameters": sum(p.numel() for p in model.parameters()),
             "generated_per_s_cached": batch * new_tokens / cached,
             "generated_per_s_uncached": batch * new_tokens / uncached,
@@ -82,12 +92,14 @@ def _measure_on(root: Path, full: bool) -> dict[str, float]:
 
 
 def run(full: bool, device: str = "cpu") -> list[dict[str, Any]]:
-    result = measure(full)
+    result = measure(full, device)
     shape = f"batch {result['train_samples']}, {result['prompt_tokens']} prompt + {result['new_tokens']} new tokens"
     size = f"{result['parameters'] / 1e6:.1f} M parameters"
     return [
-        figure("clinkd: generation tokens/s, KV cache", result["generated_per_s_cached"], "tokens/s",
+        figure("grounding: ClinKD generation tokens/s, KV cache", result["generated_per_s_cached"], "tokens/s",
                f"the same greedy generation without the cache ({shape})", result["generated_per_s_uncached"], goal=3.0),
-        figure("clinkd: training tokens/s (tiny student)", result["train_tokens_per_s"], "tokens/s",
-               f"none: forward + backward + AdamW, bf16 autocast, {size}", 0.0),
+        figure("grounding: ClinKD training tokens/s (tiny student)", result["train_tokens_per_s"], "tokens/s",
+               f"none: forward + backward + AdamW, bf16 autocast, {size}, {device}", 0.0),
+        figure("grounding: batch preparation, share of a training step", 100 * result["collate_share"], "%",
+               "the training step of the same batch (the collate runs in the training process)", 100.0),
     ]

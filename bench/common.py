@@ -17,6 +17,20 @@ def best_time(fn: Callable[[], Any], repeats: int = 3) -> float:
     return best
 
 
+def best_times(functions: dict[str, Callable[[], Any]], repeats: int = 3) -> dict[str, float]:
+    """The best wall time of each function, measured in turns (a warm-up call of each, then one call of each
+    per round): a slow spell of a noisy machine then hits every contender alike, and their ratio holds."""
+    for fn in functions.values():
+        fn()
+    best = dict.fromkeys(functions, float("inf"))
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def figure(name: str, value: float, unit: str, baseline: str, reference: float, goal: float | None = None) -> dict[str, Any]:
     """One result: `value` compared with `reference` (described by `baseline`); met when ratio >= goal."""
     ratio = value / reference if reference else None
@@ -25,11 +39,13 @@ def figure(name: str, value: float, unit: str, baseline: str, reference: float, 
             "ratio": None if ratio is None else round(ratio, 4), "goal": goal, "met": met}
 
 
-def matmul_peak(dtype_name: str, device: str = "cpu", size: int = 2048, repeats: int = 3) -> float:
+def matmul_peak(dtype_name: str, device: str = "cpu", size: int | None = None, repeats: int = 10) -> float:
     """Measured matrix-multiply throughput in FLOP/s for square `size` matrices of `dtype_name`
-    ("float32" or "bfloat16") on `device`: the ceiling compute figures are divided by."""
+    ("float32" or "bfloat16") on `device`: the ceiling compute figures are divided by. The default size
+    is one the device reaches its peak at (8192 on a GPU, 2048 on a CPU)."""
     import torch
 
+    size = size or (8192 if device == "cuda" else 2048)
     dtype = getattr(torch, dtype_name)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)

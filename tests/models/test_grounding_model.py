@@ -21,6 +21,7 @@ from medistill.models.grounding.model import (
     save_grounding_model,
     smart_resize,
     tiny_qwen2vl_config,
+    vision_token_ids,
 )
 from medistill.models.grounding.rope import decode_position_ids, mcg_rope_index
 from medistill.models.grounding.tokenizer import (
@@ -255,6 +256,30 @@ def test_generation_with_cache_equals_generation_without(tokenizer, processor, a
         uncached = model.generate(**data, use_cache=False, **settings)
     assert cached.shape == (2, data["input_ids"].shape[1] + 12)
     assert torch.equal(cached, uncached)
+
+
+def test_generation_never_writes_vision_tokens(tokenizer, processor) -> None:
+    """A model whose favourite next token is the image placeholder (forced here through the output layer)
+    writes it unless generation suppresses the vision tokens; suppressed, both decoding paths still agree."""
+    model = tiny_model(tiny_config(tokenizer))
+    image = model.config.image_token_id
+
+    def favour_the_image_token(module, inputs, logits):
+        logits[..., image] += 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(favour_the_image_token)
+    data = prompt_inputs(batch(tokenizer, processor, answers=False, padding_side="left"))
+    start = data["input_ids"].shape[1]
+    settings = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+    with torch.no_grad():
+        unsuppressed = model.generate(**data, use_cache=True, **settings)
+        assert (unsuppressed[:, start] == image).all()
+        suppressed = {cache: model.generate(**data, use_cache=cache, suppress_tokens=vision_token_ids(model.config),
+                                            **settings) for cache in (True, False)}
+    assert set(vision_token_ids(model.config)) >= {image, model.config.video_token_id}
+    assert not torch.isin(suppressed[True][:, start:], torch.tensor(vision_token_ids(model.config))).any()
+    assert torch.equal(suppressed[True], suppressed[False])
 
 
 def test_model_uses_mcg_positions_in_training_and_generation(tokenizer, processor) -> None:

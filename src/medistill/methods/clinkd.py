@@ -628,6 +628,7 @@ def generate(grounder: Grounder, samples: Sequence[Sample], *, budget: Callable[
     `budget(sample)` is the new-token limit; samples with equal limits are batched together.
     `questions` replaces the samples' questions (the corrector's hinted prompts).
     """
+    from medistill.models.grounding.model import vision_token_ids
     from medistill.models.grounding.tokenizer import decode_answers
 
     model = grounder.model.to(device)
@@ -650,7 +651,8 @@ def generate(grounder: Grounder, samples: Sequence[Sample], *, budget: Callable[
             inputs.pop("labels")
             with autocast(device, dtype):
                 out = model.generate(**inputs, max_new_tokens=limit, eos_token_id=grounder.end_token_id,
-                                     pad_token_id=grounder.tokenizer.pad_token_id, use_cache=True, **settings)
+                                     pad_token_id=grounder.tokenizer.pad_token_id, use_cache=True,
+                                     suppress_tokens=vision_token_ids(model.config), **settings)
             texts = decode_answers(grounder.tokenizer, out, inputs["input_ids"].shape[1])
             for row, index in enumerate(chunk):
                 answers[index] = texts[row * count:(row + 1) * count]

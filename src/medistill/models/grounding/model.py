@@ -96,6 +96,13 @@ def mcg_rope_settings(config: Any) -> dict[str, list[int]]:
     return settings
 
 
+def vision_token_ids(config: Any) -> list[int]:
+    """The image, video and vision start / end token ids: never part of an answer, so generation suppresses
+    them (an untrained model may pick one, which re-read as an image placeholder breaks the next step)."""
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return [int(getattr(config, n)) for n in names if getattr(config, n, None) is not None]
+
+
 def vision_token_types(input_ids: torch.Tensor, config: Any) -> torch.Tensor:
     """Transformers' `mm_token_type_ids` (0 text, 1 image, 2 video) read from the image and video token ids."""
     types = (input_ids == config.image_token_id).int()
