@@ -32,6 +32,7 @@ def measure(full: bool, device: str) -> dict[str, float]:
 
 def _measure_on(root: Path, full: bool, device: str) -> dict[str, float]:
     import torch
+    from torch.utils.data import DataLoader
 
     from medistill.config import load_config
     from medistill.data.phantom import PhantomKnobs, write_phantom
@@ -55,14 +56,25 @@ def _measure_on(root: Path, full: bool, device: str) -> dict[str, float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
-    def train_step() -> None:
+    def train_step(data: dict[str, Any] = inputs) -> None:
         with torch.autocast(device, dtype=torch.bfloat16):
-            loss = model(**inputs, use_cache=False).loss
+            loss = model(**data, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
+
+    epoch_samples = samples[:8 * batch]
+
+    def loader_epoch(workers: int) -> None:
+        """An epoch as the trainer runs it: batches prepared inline or by worker processes (train.workers)."""
+        # workers fork, as under the CLI on Linux (this benchmark's own process was spawned, which DataLoader
+        # would otherwise copy: every worker re-importing torch and unpickling the model)
+        loader = DataLoader(epoch_samples, batch_size=batch, collate_fn=collate, num_workers=workers,
+                            pin_memory=device == "cuda", multiprocessing_context="fork" if workers else None)
+        for data in loader:
+            train_step({key: data[key].to(device, non_blocking=True) for key in (*MODEL_INPUTS, "labels")})
 
     tokens = int(train_batch["attention_mask"].sum())
     seconds = best_times({"train": train_step, "collate": lambda: collate(chosen)}, repeats=5 if full else 3)
@@ -83,7 +95,12 @@ def _measure_on(root: Path, full: bool, device: str) -> dict[str, float]:
     generate(True)
     cached = best_time(lambda: generate(True), repeats=3)
     uncached = best_time(lambda: generate(False), repeats=2 if full else 1)
+    model.train()
+    workers = 4 if device == "cuda" else 2
+    epoch = best_times({"inline": lambda: loader_epoch(0), "workers": lambda: loader_epoch(workers)}, repeats=2)
     return {"train_tokens_per_s": tokens / train_seconds, "train_samples": batch,
+            "epoch_samples": len(epoch_samples), "workers": workers,
+            "epoch_per_s_inline": 1 / epoch["inline"], "epoch_per_s_workers": 1 / epoch["workers"],
             "collate_share": seconds["collate"] / train_seconds,
             "parameters": sum(p.numel() for p in model.parameters()),
             "generated_per_s_cached": batch * new_tokens / cached,
@@ -102,4 +119,7 @@ def run(full: bool, device: str = "cpu") -> list[dict[str, Any]]:
                f"none: forward + backward + AdamW, bf16 autocast, {size}, {device}", 0.0),
         figure("grounding: batch preparation, share of a training step", 100 * result["collate_share"], "%",
                "the training step of the same batch (the collate runs in the training process)", 100.0),
+        figure(f"grounding: training epochs/s, {result['workers']} loader workers", result["epoch_per_s_workers"],
+               "epochs/s", f"batches prepared in the training process (train.workers 0); {result['epoch_samples']} "
+               f"samples, batch {result['train_samples']}, {device}", result["epoch_per_s_inline"]),
     ]

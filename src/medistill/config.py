@@ -82,6 +82,7 @@ class TrainConfig:
     progress: bool = True  # shown only on a terminal
     max_bad_steps: int = 0  # batches with a non-finite loss skipped (and logged) before the run stops
     parallel: str = "ddp"  # under torchrun: ddp (a whole model per process) | fsdp (sharded: docs/scaling.md)
+    workers: int = 0  # DataLoader worker processes preparing training batches beside the step (useful on a GPU)
 
 
 @dataclass

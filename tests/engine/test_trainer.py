@@ -101,6 +101,18 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
 
 
+def test_worker_processes_prepare_the_same_batches(tmp_path):
+    """train.workers moves batch preparation into DataLoader workers: the same batches in the same order, so
+    the same weights (dropout draws stay in the training process)."""
+    inline, workers = Regression(), Regression()
+    make_trainer(tmp_path, inline, name="inline").fit()
+    make_trainer(tmp_path, workers, name="workers", workers=2).fit()
+    for name, tensor in inline.model.state_dict().items():
+        assert torch.equal(tensor, workers.model.state_dict()[name]), name
+    with pytest.raises(UsageError, match="train.workers"):
+        make_trainer(tmp_path, Regression(), name="bad", workers=-1)
+
+
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     big, small = Regression(dropout=0.0), Regression(dropout=0.0)
     big_trainer = make_trainer(tmp_path, big, name="big", batch_size=8, epochs=2)

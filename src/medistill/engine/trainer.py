@@ -246,6 +246,9 @@ class Trainer:
         if train.batch_size % self.world:
             raise UsageError(f"train.batch_size {train.batch_size} is the global batch and must divide by the "
                              f"{self.world} processes")
+        if train.workers < 0:
+            raise UsageError(f"train.workers must be 0 (batches prepared in the training process) or more, not "
+                             f"{train.workers}")
         if train.parallel not in ("ddp", "fsdp"):
             raise UsageError(f"train.parallel must be ddp or fsdp, not {train.parallel!r}")
         if train.parallel == "fsdp" and self.dtype == torch.float16:
@@ -397,7 +400,7 @@ class Trainer:
         # resumed run (which creates one mid-epoch) would see different dropout masks.
         generator = torch.Generator().manual_seed(self.cfg.seed + self.progress.epoch)
         return DataLoader(self.data, batch_sampler=batches, collate_fn=self.collate, generator=generator,
-                          num_workers=0, pin_memory=self.device.type == "cuda")
+                          num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda")
 
     def batches_of_epoch(self, epoch: int) -> list[list[int]]:
         """The global batches of one epoch, shuffled by (seed, epoch). A subclass may order them otherwise (e.g.
