@@ -51,7 +51,10 @@ def _cpuinfo() -> list[str]:
 DEVICES = {"cpu": "On the CPU", "cuda": "On a GPU"}
 
 
-def merge(old: list[dict[str, Any]], fresh: list[dict[str, Any]], device: str, benchmarks: list[str]) -> list[dict[str, Any]]:
+Figures = list[dict[str, Any]]
+
+
+def merge(old: Figures, fresh: Figures, device: str, benchmarks: list[str]) -> Figures:
     """results.json after a run: the fresh figures replace the same device's figures of the benchmarks that
     ran; the other device's figures (and, after `--only`, the other benchmarks') stay."""
     kept = [r for r in old if r.get("device", "cpu") != device or r.get("bench", benchmarks[0]) not in benchmarks]

@@ -76,6 +76,6 @@ def run(full: bool, device: str = "cpu") -> list[dict[str, Any]]:
     return [
         figure("distill: MMPKD epoch throughput, offline KD (cached teacher)", throughput["offline"], "images/s", plain,
                throughput["plain"], round(1 / 1.1, 3)),
-        figure("distill: MMPKD epoch throughput, online KD (MiniLM teacher per batch)", throughput["online"], "images/s",
-               plain, throughput["plain"]),
+        figure("distill: MMPKD epoch throughput, online KD (MiniLM teacher per batch)", throughput["online"],
+               "images/s", plain, throughput["plain"]),
     ]

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import best_time, best_times, figure
+from bench.common import best_time, best_times, figure, matmul_peak, profile_matmuls
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,6 +79,7 @@ def _measure_on(root: Path, full: bool, device: str) -> dict[str, float]:
     tokens = int(train_batch["attention_mask"].sum())
     seconds = best_times({"train": train_step, "collate": lambda: collate(chosen)}, repeats=5 if full else 3)
     train_seconds = seconds["train"]
+    step_flops = profile_matmuls(train_step).flops  # the profiler's count: vision tower and decoder alike
 
     # generation: greedy, exactly `new_tokens` per sample, with and without the KV cache
     model.eval()
@@ -99,6 +100,7 @@ def _measure_on(root: Path, full: bool, device: str) -> dict[str, float]:
     workers = 4 if device == "cuda" else 2
     epoch = best_times({"inline": lambda: loader_epoch(0), "workers": lambda: loader_epoch(workers)}, repeats=2)
     return {"train_tokens_per_s": tokens / train_seconds, "train_samples": batch,
+            "train_flops_per_s": step_flops / train_seconds, "peak": matmul_peak("bfloat16", device),
             "epoch_samples": len(epoch_samples), "workers": workers,
             "epoch_per_s_inline": 1 / epoch["inline"], "epoch_per_s_workers": 1 / epoch["workers"],
             "collate_share": seconds["collate"] / train_seconds,
@@ -117,6 +119,9 @@ def run(full: bool, device: str = "cpu") -> list[dict[str, Any]]:
                f"the same greedy generation without the cache ({shape})", result["generated_per_s_uncached"], goal=3.0),
         figure("grounding: ClinKD training tokens/s (tiny student)", result["train_tokens_per_s"], "tokens/s",
                f"none: forward + backward + AdamW, bf16 autocast, {size}, {device}", 0.0),
+        figure("grounding: ClinKD training FLOP/s of the bf16 peak", result["train_flops_per_s"] / 1e9, "GFLOP/s",
+               f"measured bf16 matmul peak {result['peak'] / 1e9:.0f} GFLOP/s (step FLOPs: the profiler's count of "
+               f"its multiplies)", result["peak"] / 1e9),
         figure("grounding: batch preparation, share of a training step", 100 * result["collate_share"], "%",
                "the training step of the same batch (the collate runs in the training process)", 100.0),
         figure(f"grounding: training epochs/s, {result['workers']} loader workers", result["epoch_per_s_workers"],

@@ -2,7 +2,7 @@
 compute figure is divided by) and the bandwidth of a large copy (the ceiling of memory-bound work).
 
 Issue 8 quoted about 145 GFLOP/s fp32 and 377 GFLOP/s bf16 for the project's 2-core CPU; measured here,
-PyTorch reaches about 380 fp32 (AVX-512) and 2,000 to 2,500 bf16 (oneDNN on the AMX tiles): the figures
+PyTorch reaches about 390 to 430 fp32 (AVX-512) and 1,900 to 2,800 bf16 (oneDNN on the AMX tiles): the figures
 below, not the quoted ones, are the ceilings.
 """
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any
 
-from bench.common import best_times, figure, matmul_peak
+from bench.common import best_times, figure, matmul_peak, profile_matmuls
 
 WIDTH, DEPTH, HEADS, PATCH, SIZE, LABELS = 384, 12, 6, 16, 224, 14
 GPU_BATCH = 256
@@ -41,31 +41,6 @@ def models(device: str) -> dict[str, Any]:
     theirs = {kind: ViTForImageClassification._from_config(config, attn_implementation=kind).to(device)
               for kind in ("sdpa", "eager")}
     return {"ours": ours, **theirs}
-
-
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::convolution", "aten::convolution_backward")
-
-
-def matmul_profile(step: Any) -> tuple[float, float]:
-    """One profiled call of `step`: the share of its operator time spent in matrix multiplies (and the patch
-    convolution), and the FLOP/s those kernels reach on their own. Where the whole step falls short of the
-    peak, this says whether the multiplies are slow or the time goes elsewhere (elementwise, casts, copies)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities, with_flops=True) as prof:
-        step()
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]  # operators, not their kernels
-    device_time = any(e.self_device_time_total for e in events)
-
-    def seconds(event: Any) -> float:
-        return (event.self_device_time_total if device_time else event.self_cpu_time_total) / 1e6
-
-    total = sum(seconds(e) for e in events)
-    matmul = [e for e in events if e.key in MATMUL_OPS]
-    matmul_time = sum(seconds(e) for e in matmul)
-    return matmul_time / total, sum(e.flops for e in matmul) / matmul_time
 
 
 def attention_figure(device: str, low: bool, batch: int, repeats: int) -> dict[str, Any]:
@@ -155,7 +130,8 @@ def run(full: bool, device: str = "cpu") -> list[dict[str, Any]]:
     ours_eval, theirs_eval = batch / evaluation["ours"], batch / evaluation["theirs"]
     peak = matmul_peak("bfloat16" if low else "float32", device)
     achieved = ours_train / batch * step_flops(batch)
-    matmul_share, matmul_rate = matmul_profile(lambda: train_step("ours", low))
+    matmuls = profile_matmuls(lambda: train_step("ours", low))
+    matmul_share, matmul_rate = matmuls.share, matmuls.rate
     shape = f"ViT-S/16, {SIZE} px, batch {batch}, {device}"
     extra = [attention_figure(device, low, batch, repeats)]
     if full:

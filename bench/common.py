@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -15,6 +16,38 @@ def best_time(fn: Callable[[], Any], repeats: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::convolution", "aten::convolution_backward")
+
+
+@dataclass(frozen=True)
+class MatmulProfile:
+    share: float  # of the step's operator time spent in matrix multiplies (and convolutions)
+    flops: float  # their floating-point operations, as the profiler counts them
+    rate: float  # FLOP/s those kernels reach on their own
+
+
+def profile_matmuls(step: Callable[[], Any]) -> MatmulProfile:
+    """One profiled call of `step`. Where a step falls short of the peak, this says whether the multiplies are
+    slow or the time goes elsewhere (elementwise work, casts, copies); its FLOP count also gives the step's
+    achieved FLOP/s where no formula does."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, with_flops=True) as prof:
+        step()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]  # operators, not their kernels
+    device_time = any(e.self_device_time_total for e in events)
+
+    def seconds(event: Any) -> float:
+        return (event.self_device_time_total if device_time else event.self_cpu_time_total) / 1e6
+
+    matmul = [e for e in events if e.key in MATMUL_OPS]
+    matmul_time = sum(seconds(e) for e in matmul)
+    flops = float(sum(e.flops for e in matmul))
+    return MatmulProfile(matmul_time / sum(seconds(e) for e in events), flops, flops / matmul_time)
 
 
 def best_times(functions: dict[str, Callable[[], Any]], repeats: int = 3) -> dict[str, float]:
