@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import best_time, best_times, figure, matmul_peak, profile_matmuls
+from bench.common import best_times, figure, matmul_peak, profile_matmuls
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,9 +93,9 @@ def _measure_on(root: Path, full: bool, device: str) -> dict[str, float]:
                                  suppress_tokens=vision_token_ids(model.config))
         assert out.shape[1] == prompt["input_ids"].shape[1] + new_tokens
 
-    generate(True)
-    cached = best_time(lambda: generate(True), repeats=3)
-    uncached = best_time(lambda: generate(False), repeats=2 if full else 1)
+    generation = best_times({"cached": lambda: generate(True), "uncached": lambda: generate(False)},
+                            repeats=3 if full else 2)
+    cached, uncached = generation["cached"], generation["uncached"]
     model.train()
     workers = 4 if device == "cuda" else 2
     epoch = best_times({"inline": lambda: loader_epoch(0), "workers": lambda: loader_epoch(workers)}, repeats=2)
