@@ -50,6 +50,8 @@ def attention_figure(device: str, low: bool, batch: int, repeats: int) -> dict[s
     import torch
     import torch.nn.functional as F
 
+    from medistill.models.vit import attention_weights
+
     dtype = torch.bfloat16 if low else torch.float32
     tokens, head = (SIZE // PATCH) ** 2 + 1, WIDTH // HEADS
     q, k, v = (torch.randn(batch, HEADS, tokens, head, device=device, dtype=dtype, requires_grad=True)
@@ -57,7 +59,7 @@ def attention_figure(device: str, low: bool, batch: int, repeats: int) -> dict[s
 
     def step(explicit: bool) -> None:
         if explicit:
-            out = torch.softmax((q * head**-0.5) @ k.transpose(-2, -1), dim=-1) @ v
+            out = attention_weights(q, k) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out.float().sum().backward()
@@ -131,12 +133,9 @@ def run(full: bool, device: str = "cpu") -> list[dict[str, Any]]:
     peak = matmul_peak("bfloat16" if low else "float32", device)
     achieved = ours_train / batch * step_flops(batch)
     matmuls = profile_matmuls(lambda: train_step("ours", low))
-    matmul_share, matmul_rate = matmuls.share, matmuls.rate
     shape = f"ViT-S/16, {SIZE} px, batch {batch}, {device}"
     extra = [attention_figure(device, low, batch, repeats)]
     if full:
-        import torch
-
         nets["ours compiled"] = torch.compile(nets["ours"])
         extra.append(compile_figure(lambda: train_step("ours compiled", low), lambda: train_step("ours", low),
                                     batch, repeats))
@@ -152,9 +151,9 @@ def run(full: bool, device: str = "cpu") -> list[dict[str, Any]]:
                f"transformers ViTForImageClassification (sdpa), fp32, {shape}", theirs_fp32, goal=2.0),
         figure(f"vit: train FLOP/s of the {precision} peak", achieved / 1e9, "GFLOP/s",
                f"measured {precision} matmul peak {peak / 1e9:.0f} GFLOP/s", peak / 1e9, goal=0.7),
-        figure("vit: train time in matrix multiplies", 100 * matmul_share, "%",
+        figure("vit: train time in matrix multiplies", 100 * matmuls.share, "%",
                "torch.profiler, one step: mm, addmm, bmm and the patch convolution, forward and backward", 100),
-        figure(f"vit: matrix-multiply kernels' FLOP/s of the {precision} peak", matmul_rate / 1e9, "GFLOP/s",
+        figure(f"vit: matrix-multiply kernels' FLOP/s of the {precision} peak", matmuls.rate / 1e9, "GFLOP/s",
                f"measured {precision} matmul peak {peak / 1e9:.0f} GFLOP/s (the profiler's FLOP count)", peak / 1e9),
         figure(f"vit: eval samples/s with attention maps, {precision}", ours_eval, "samples/s",
                f"transformers (eager, output_attentions=True), {precision}, {shape}", theirs_eval, goal=1.1),

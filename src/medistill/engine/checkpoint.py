@@ -56,7 +56,8 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
 
 
 def save_checkpoint(directory: str | Path, module: torch.nn.Module, config: dict[str, Any]) -> Path:
-    """(Every rank calls this; rank 0 writes.) Write `model.safetensors` and `config.json` (architecture, preprocessing, vocabularies) into `directory`."""
+    """Write `model.safetensors` and `config.json` (architecture, preprocessing, vocabularies) into `directory`
+    (every rank calls this; rank 0 writes)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_weights(module, directory / WEIGHTS)

@@ -9,12 +9,13 @@ every rank sees (one machine, or a shared disk across nodes).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import logging
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -172,6 +173,16 @@ def shard(root: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
     _roots[model] = root
     log.info("FSDP: %d blocks sharded across %d processes", len(units), world_size())
     return root
+
+
+@contextlib.contextmanager
+def unsharded(root: torch.nn.Module) -> Iterator[None]:
+    """`open_for_use` for the length of a `with` block (evaluation during training)."""
+    open_for_use(root)
+    try:
+        yield
+    finally:
+        close_after_use(root)
 
 
 def open_for_use(root: torch.nn.Module) -> None:

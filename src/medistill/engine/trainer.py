@@ -459,11 +459,7 @@ class Trainer:
         """Loss terms of one (micro-)batch and their gradients; under DDP or FSDP gradients are averaged across
         ranks only when `sync` (the last micro-batch before an optimiser step)."""
         batch = move_to(batch, self.device)
-        if self.sharded:
-            self.wrapped.set_requires_gradient_sync(sync)  # type: ignore[union-attr,operator]
-        quiet = self.wrapped.no_sync() if self.wrapped is not None and not sync and not self.sharded \
-            else nullcontext()
-        with quiet:
+        with self._gradient_sync(sync):
             with autocast(self.device, self.dtype):
                 terms = self.wrapped(batch) if self.wrapped is not None else self.task.loss_terms(batch)
             loss = sum(terms.values())
@@ -472,6 +468,15 @@ class Trainer:
                 return {}
             self.scaler.scale(loss / self.optim_cfg.accumulate).backward()
         return {k: float(v.detach()) for k, v in terms.items()}
+
+    def _gradient_sync(self, sync: bool) -> Any:
+        """A context in which backward averages gradients across ranks only if `sync`."""
+        if self.sharded:
+            self.wrapped.set_requires_gradient_sync(sync)  # type: ignore[union-attr,operator]
+            return nullcontext()
+        if self.wrapped is None or sync:
+            return nullcontext()
+        return self.wrapped.no_sync()  # type: ignore[operator]
 
     def _bad_batch(self, batch: Batch, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
         """A non-finite loss on some rank: skip the batch (up to train.max_bad_steps) or stop, naming the step,
@@ -538,12 +543,9 @@ class Trainer:
         metrics: dict[str, float] | None = None
         if distributed.is_main() or self.sharded:
             self.model.eval()
-            if self.sharded:
-                distributed.open_for_use(self.wrapped)  # type: ignore[arg-type]
-            with torch.no_grad(), autocast(self.device, self.dtype):
+            gathered = distributed.unsharded(self.wrapped) if self.sharded else nullcontext()  # type: ignore[arg-type]
+            with gathered, torch.no_grad(), autocast(self.device, self.dtype):
                 metrics = self.task.evaluate("val")
-            if self.sharded:
-                distributed.close_after_use(self.wrapped)  # type: ignore[arg-type]
             self.model.train()
         metrics = distributed.broadcast(metrics)
         assert metrics is not None

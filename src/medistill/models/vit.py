@@ -81,12 +81,17 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         if need_weights or _explicit_attention_is_faster(q):
-            weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)  # scale the smaller
+            weights = attention_weights(q, k)
             out = F.dropout(weights, p) @ v
         else:
             weights = None
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, width)), weights if need_weights else None
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)), scaling q (tokens x d) rather than the scores (tokens x tokens)."""
+    return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
 
 
 # Up to this many tokens the CPU backward of the explicit attention beats the fused one (bf16, 64-wide heads:
@@ -95,7 +100,8 @@ CPU_EXPLICIT_ATTENTION_MAX_TOKENS = 768
 
 
 def _explicit_attention_is_faster(q: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and torch.is_grad_enabled() and q.shape[-2] <= CPU_EXPLICIT_ATTENTION_MAX_TOKENS
+    short = q.shape[-2] <= CPU_EXPLICIT_ATTENTION_MAX_TOKENS
+    return q.device.type == "cpu" and torch.is_grad_enabled() and short
 
 
 class Block(nn.Module):
